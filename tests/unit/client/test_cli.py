@@ -187,12 +187,24 @@ def test_inline_recipe_from_decoder_roles_and_params(
     }
 
 
+def test_param_overrides_a_named_recipe_and_model_plays_every_role(server: FakeServer) -> None:
+    server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("ok")))
+    assert (
+        run(server, "chat", "Q", "-r", "tiny-nudging", "--param", "threshold=0.2", "--no-stream", *BASE) == 0
+    )
+    assert server.body()["model"] == "tiny-nudging"
+    assert server.body()["alignment"] == {"params": {"threshold": 0.2}}
+    assert run(server, "chat", "Q", "-d", "urial", "-m", "tiny-base", "--no-stream", *BASE) == 0
+    assert server.body()["model"] == "tiny-base"
+    assert server.body()["alignment"] == {"decoder": "urial", "roles": {}, "params": {}}
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--role", "base=m"], "--role and --param describe an inline recipe"),
+        (["--role", "base=m"], "--role describes an inline recipe"),
         (["--recipe", "r", "--decoder", "nudging", "--role", "base=m"], "--recipe or --decoder"),
-        (["--decoder", "nudging"], "at least one --role"),
+        (["--decoder", "nudging"], "--decoder needs --role"),
         (["--decoder", "nudging", "--role", "base"], "--role expects NAME=VALUE"),
         (["--decoder", "nudging", "--role", 'base={"system_prompt": "x"}'], 'needs at least a "model"'),
         ([], "say what should answer"),
@@ -255,7 +267,7 @@ def test_models_list_table(server: FakeServer, capsys: pytest.CaptureFixture[str
         "ID            KIND    DECODER  ROLES                              BASE MODEL",
         "tiny-base     model   -        -                                  yes",
         "tiny-chat     model   -        -                                  no",
-        "tiny-nudging  recipe  nudging  base=tiny-base, aligner=tiny-chat  no",
+        "tiny-nudging  recipe  nudging  base=tiny-base, aligner=tiny-chat  -",
     ]
     assert run(server, "models", "list", "--json", *BASE) == 0
     assert [m["id"] for m in json.loads(capsys.readouterr().out)] == [

@@ -120,6 +120,17 @@ def test_alignment_dict_and_extra_body(server: FakeServer) -> None:
     assert body["model"] == "tiny-base" and body["alignment"] == alignment and body["top_k"] == 5
 
 
+def test_recipe_params_override_named_recipes_and_merge_with_builders(server: FakeServer) -> None:
+    server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("ok")))
+    client = make_client(server)
+    client.chat("Q", recipe="tiny-nudging", recipe_params={"threshold": 0.1}, trace=True)
+    assert server.body()["alignment"] == {"params": {"threshold": 0.1}, "trace": True}
+    client.chat("Q", recipe=Nudging(base="a", aligner="b", threshold=0.3), recipe_params={"extra": 1})
+    assert server.body()["alignment"]["params"] == {"threshold": 0.3, "extra": 1}
+    client.chat("Q", model="tiny-chat", recipe={"decoder": "urial"})  # no roles: the model plays them all
+    assert server.body()["model"] == "tiny-chat" and server.body()["alignment"] == {"decoder": "urial"}
+
+
 def test_bad_target_arguments_raise_before_sending(server: FakeServer) -> None:
     client = make_client(server)
     with pytest.raises(ValueError, match="model="):
@@ -128,6 +139,8 @@ def test_bad_target_arguments_raise_before_sending(server: FakeServer) -> None:
         client.chat("Q", model="a", recipe="b")
     with pytest.raises(TypeError):
         client.chat("Q", recipe=3)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one role"):
+        client.chat("Q", recipe={"decoder": "urial"})
     assert server.requests == []
 
 
@@ -174,6 +187,8 @@ def test_models_decoders_and_health(server: FakeServer) -> None:
     assert recipe.is_recipe and recipe.kind == "recipe" and recipe.alignd.decoder == "nudging"
     assert recipe.alignd.role_models() == {"base": "tiny-base", "aligner": "tiny-chat"}
     assert models[0].alignd.base_model and not models[0].is_recipe
+    assert models[0].alignd.task == "generate" and models[0].alignd.ready
+    assert recipe.alignd.base_model is None and recipe.alignd.params == {"threshold": 0.4}
     decoders = client.decoders()
     assert [d.name for d in decoders] == ["nudging", "args"]
     assert decoders[1].roles[1].task == "reward" and decoders[1].roles[1].optional

@@ -31,7 +31,7 @@ from alignd.client._exceptions import (
     status_error,
 )
 from alignd.client._models import ChatCompletion, Completion, DecoderInfo, Health, ModelInfo
-from alignd.client._recipes import BaseRecipe, Recipe
+from alignd.client._recipes import BaseRecipe
 from alignd.client._streaming import AsyncStream, Stream
 from alignd.client._version import __version__
 
@@ -64,8 +64,21 @@ def _chat_messages(messages: Messages, system: str | None) -> list[dict[str, Any
     return out
 
 
+def _first_role_model(alignment: Mapping[str, Any]) -> str | None:
+    roles = alignment.get("roles") or {}
+    first = next(iter(roles.values()), None)
+    if isinstance(first, Mapping):
+        return str(first.get("model")) if first.get("model") else None
+    return first if isinstance(first, str) else None
+
+
 def _request_body(
-    model: str | None, recipe: RecipeLike | None, stream: bool, trace: bool, params: dict[str, Any]
+    model: str | None,
+    recipe: RecipeLike | None,
+    stream: bool,
+    trace: bool,
+    recipe_params: Mapping[str, Any] | None,
+    params: dict[str, Any],
 ) -> dict[str, Any]:
     """The JSON body shared by chat and text completions (prompt fields added by the caller)."""
     alignment: dict[str, Any] | None = None
@@ -78,11 +91,14 @@ def _request_body(
         model = model or recipe.default_model()
     elif isinstance(recipe, Mapping):
         alignment = dict(recipe)
-        model = model or Recipe.from_alignment(recipe).default_model()
+        model = model or _first_role_model(recipe)
     elif recipe is not None:
         raise TypeError(f"recipe must be a name, a recipe object or a dict, not {type(recipe).__name__}")
     if model is None:
-        raise ValueError("give model= (a hosted model or a named recipe) or recipe=")
+        raise ValueError("give model= (a hosted model or a named recipe) or recipe= (with at least one role)")
+    if recipe_params:
+        alignment = alignment or {}
+        alignment["params"] = {**(alignment.get("params") or {}), **recipe_params}
     if trace:
         alignment = {**(alignment or {}), "trace": True}
     extra_body = params.pop("extra_body", None) or {}
@@ -190,10 +206,11 @@ class _BaseClient:
         recipe: RecipeLike | None,
         stream: bool,
         trace: bool,
+        recipe_params: Mapping[str, Any] | None,
         system: str | None,
         params: dict[str, Any],
     ) -> dict[str, Any]:
-        body = _request_body(model, recipe, stream, trace, params)
+        body = _request_body(model, recipe, stream, trace, recipe_params, params)
         body["messages"] = _chat_messages(messages, system)
         return body
 
@@ -204,9 +221,10 @@ class _BaseClient:
         recipe: RecipeLike | None,
         stream: bool,
         trace: bool,
+        recipe_params: Mapping[str, Any] | None,
         params: dict[str, Any],
     ) -> dict[str, Any]:
-        body = _request_body(model, recipe, stream, trace, params)
+        body = _request_body(model, recipe, stream, trace, recipe_params, params)
         body["prompt"] = prompt if isinstance(prompt, str) else list(prompt)
         return body
 
@@ -285,6 +303,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[False] = ...,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> ChatCompletion: ...
@@ -298,6 +317,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[True],
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> Stream: ...
@@ -311,6 +331,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: bool,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> ChatCompletion | Stream: ...
@@ -323,18 +344,20 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = None,
         stream: bool = False,
         trace: bool = False,
+        recipe_params: Mapping[str, Any] | None = None,
         system: str | None = None,
         **params: Any,
     ) -> ChatCompletion | Stream:
         """Chat completion with a hosted model, a named recipe or a recipe object.
 
         ``messages`` is a user message string or OpenAI-style messages; ``system`` prepends a system
-        message. ``trace=True`` asks for provenance spans. Other keyword arguments are OpenAI parameters
+        message. ``trace=True`` asks for provenance spans. ``recipe_params`` overrides decoder parameters
+        (of a named recipe, or on top of a recipe object's). Other keyword arguments are OpenAI parameters
         (``max_tokens``, ``temperature``, ``seed``, ``stop``, ...) sent as given (``None`` values are
         dropped); ``extra_body`` is merged into the JSON body last. With ``stream=True`` returns a
         :class:`Stream` of events instead of a :class:`ChatCompletion`.
         """
-        body = self._chat_body(messages, model, recipe, stream, trace, system, params)
+        body = self._chat_body(messages, model, recipe, stream, trace, recipe_params, system, params)
         response = self._send("POST", "/v1/chat/completions", body=body, stream=stream)
         if stream:
             return Stream(response, "chat")
@@ -349,6 +372,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[False] = ...,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> Completion: ...
 
@@ -361,6 +385,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[True],
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> Stream: ...
 
@@ -373,6 +398,7 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: bool,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> Completion | Stream: ...
 
@@ -384,10 +410,11 @@ class Client(_BaseClient):
         recipe: RecipeLike | None = None,
         stream: bool = False,
         trace: bool = False,
+        recipe_params: Mapping[str, Any] | None = None,
         **params: Any,
     ) -> Completion | Stream:
         """Text completion of ``prompt``; arguments as for :meth:`chat`."""
-        body = self._completion_body(prompt, model, recipe, stream, trace, params)
+        body = self._completion_body(prompt, model, recipe, stream, trace, recipe_params, params)
         response = self._send("POST", "/v1/completions", body=body, stream=stream)
         if stream:
             return Stream(response, "completion")
@@ -492,6 +519,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[False] = ...,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> ChatCompletion: ...
@@ -505,6 +533,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[True],
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> AsyncStream: ...
@@ -518,6 +547,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: bool,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         system: str | None = ...,
         **params: Any,
     ) -> ChatCompletion | AsyncStream: ...
@@ -530,11 +560,12 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = None,
         stream: bool = False,
         trace: bool = False,
+        recipe_params: Mapping[str, Any] | None = None,
         system: str | None = None,
         **params: Any,
     ) -> ChatCompletion | AsyncStream:
         """Chat completion; see :meth:`Client.chat`. With ``stream=True`` returns an :class:`AsyncStream`."""
-        body = self._chat_body(messages, model, recipe, stream, trace, system, params)
+        body = self._chat_body(messages, model, recipe, stream, trace, recipe_params, system, params)
         response = await self._send("POST", "/v1/chat/completions", body=body, stream=stream)
         if stream:
             return AsyncStream(response, "chat")
@@ -549,6 +580,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[False] = ...,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> Completion: ...
 
@@ -561,6 +593,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: Literal[True],
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> AsyncStream: ...
 
@@ -573,6 +606,7 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = ...,
         stream: bool,
         trace: bool = ...,
+        recipe_params: Mapping[str, Any] | None = ...,
         **params: Any,
     ) -> Completion | AsyncStream: ...
 
@@ -584,10 +618,11 @@ class AsyncClient(_BaseClient):
         recipe: RecipeLike | None = None,
         stream: bool = False,
         trace: bool = False,
+        recipe_params: Mapping[str, Any] | None = None,
         **params: Any,
     ) -> Completion | AsyncStream:
         """Text completion; see :meth:`Client.complete`."""
-        body = self._completion_body(prompt, model, recipe, stream, trace, params)
+        body = self._completion_body(prompt, model, recipe, stream, trace, recipe_params, params)
         response = await self._send("POST", "/v1/completions", body=body, stream=stream)
         if stream:
             return AsyncStream(response, "completion")

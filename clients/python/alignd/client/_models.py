@@ -169,12 +169,22 @@ class StreamEvent(_APIModel):
 
 
 class ModelAlignment(_APIModel):
-    """What ``/v1/models`` says about an entry beyond OpenAI's fields."""
+    """What ``/v1/models`` says about an entry beyond OpenAI's fields.
+
+    For a hosted model: ``task`` (generate or reward), ``engine``, ``ready``, and ``base_model`` (no chat
+    template; ``None`` until the model has loaded). For a named recipe: ``decoder``, ``roles``,
+    ``params`` and ``description``.
+    """
 
     kind: str = "model"
-    base_model: bool = False
+    base_model: bool | None = None
+    task: str | None = None
+    engine: str | None = None
+    ready: bool | None = None
     decoder: str | None = None
     roles: dict[str, str | dict[str, Any]] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    description: str | None = None
 
     def role_models(self) -> dict[str, str]:
         """Each role's model name (prompt variants reduced to their model)."""

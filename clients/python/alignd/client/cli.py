@@ -153,7 +153,8 @@ def _generation_parser(subparsers: Any, name: str, help: str, parent: argparse.A
         action="append",
         default=[],
         metavar="NAME=VALUE",
-        help="a decoder parameter of the inline recipe; VALUE is parsed as JSON when it can be",
+        help="a decoder parameter (of the inline recipe, or overriding a named recipe's); VALUE is parsed "
+        "as JSON when it can be",
     )
     gen = p.add_argument_group("generation")
     if name == "chat":
@@ -286,6 +287,11 @@ def _split_assignment(item: str, option: str) -> tuple[str, str]:
     return name.strip(), value
 
 
+def _params(args: argparse.Namespace) -> dict[str, Any]:
+    pairs = [_split_assignment(item, "--param") for item in args.param]
+    return {name: _parse_value(value) for name, value in pairs}
+
+
 def _inline_recipe(args: argparse.Namespace) -> Recipe:
     roles: dict[str, str | Role] = {}
     for item in args.role:
@@ -299,26 +305,25 @@ def _inline_recipe(args: argparse.Namespace) -> Recipe:
             roles[name] = value
         else:
             raise UsageError(f"--role {name}: no model given")
-    if not roles:
-        raise UsageError("--decoder needs at least one --role ROLE=MODEL")
-    params = dict(_split_assignment(item, "--param") for item in args.param)
-    return Recipe(args.decoder, roles, {k: _parse_value(v) for k, v in params.items()})
+    if not roles and not args.model:
+        raise UsageError("--decoder needs --role ROLE=MODEL (or --model to play every role)")
+    return Recipe(args.decoder, roles, _params(args))
 
 
-def _target(args: argparse.Namespace) -> tuple[str | None, RecipeLike | None]:
-    """The ``model`` and ``recipe`` arguments for the client from --model / --recipe / --decoder."""
+def _target(args: argparse.Namespace) -> tuple[str | None, RecipeLike | None, dict[str, Any]]:
+    """The client's ``model``, ``recipe`` and ``recipe_params`` from --model/--recipe/--decoder/--param."""
     if args.recipe and args.decoder:
         raise UsageError("give --recipe or --decoder, not both")
     if args.recipe and args.model and args.recipe != args.model:
         raise UsageError("give --model or --recipe, not both")
-    if (args.role or args.param) and not args.decoder:
-        raise UsageError("--role and --param describe an inline recipe: add --decoder NAME")
+    if args.role and not args.decoder:
+        raise UsageError("--role describes an inline recipe: add --decoder NAME")
     if args.decoder:
-        return args.model, _inline_recipe(args)
+        return args.model, _inline_recipe(args), {}
     if args.recipe:
-        return None, args.recipe
+        return None, args.recipe, _params(args)
     if args.model:
-        return args.model, None
+        return args.model, None, _params(args)
     raise UsageError("say what should answer: --model NAME, --recipe NAME, or --decoder NAME --role ...")
 
 
@@ -332,7 +337,7 @@ def _read_prompt(arg: str | None, stdin: TextIO) -> str:
 
 
 def _run_generation(args: argparse.Namespace) -> int:
-    model, recipe = _target(args)
+    model, recipe, recipe_params = _target(args)
     prompt = _read_prompt(args.prompt, sys.stdin)
     painter = Painter(use_color(args.color, sys.stdout))
     # Colouring needs provenance spans; ask for them where a recipe is known to be involved.
@@ -343,6 +348,7 @@ def _run_generation(args: argparse.Namespace) -> int:
         "top_p": args.top_p,
         "seed": args.seed,
         "stop": args.stop,
+        "recipe_params": recipe_params or None,
     }
     with _client(args) as client:
         if args.kind == "chat":
@@ -403,9 +409,8 @@ def _run_models_list(args: argparse.Namespace) -> int:
     rows = []
     for m in models:
         roles = ", ".join(f"{role}={model}" for role, model in m.alignd.role_models().items())
-        rows.append(
-            [m.id, m.kind, m.alignd.decoder or "-", roles or "-", "yes" if m.alignd.base_model else "no"]
-        )
+        base = {True: "yes", False: "no", None: "-"}[m.alignd.base_model]
+        rows.append([m.id, m.kind, m.alignd.decoder or "-", roles or "-", base])
     print(format_table(["ID", "KIND", "DECODER", "ROLES", "BASE MODEL"], rows))
     return 0
 
