@@ -329,9 +329,9 @@ def register_broken(subparsers: Any) -> None:
     raise RuntimeError("needs vllm")
 
 
-def register_collision(subparsers: Any) -> None:  # registered under the reserved name "models"
+def register_collision(subparsers: Any) -> None:  # registered under the reserved name "chat"
     CALLS.append("collision imported")
-    subparsers.add_parser("models")
+    subparsers.add_parser("chat")
 
 
 @pytest.fixture
@@ -340,7 +340,7 @@ def plugins(no_plugins: dict[str, list[EntryPoint]]) -> None:
     no_plugins["alignd.commands"] = [
         _ep("serve", "register_serve", "alignd.commands"),
         _ep("broken", "register_broken", "alignd.commands"),
-        _ep("models", "register_collision", "alignd.commands"),
+        _ep("chat", "register_collision", "alignd.commands"),
     ]
     no_plugins["alignd.commands.models"] = [_ep("prepare", "register_models", "alignd.commands.models")]
 
@@ -358,20 +358,39 @@ def test_plugin_verbs_join_the_sdks_models_group(
 ) -> None:
     assert cli.main(["models", "prepare"]) == 0
     assert CALLS == ["register prepare", "prepare"]
-    err = capsys.readouterr().err
-    # the entry point that tried to take the whole "models" command is refused, with the right group named
-    assert "ignoring entry point 'models'" in err and "'alignd.commands.models'" in err
+    assert capsys.readouterr().err == ""
     server.on("GET", "/v1/models", httpx.Response(200, json=MODELS))
     assert run(server, "models", "list", *BASE) == 0
     assert "tiny-nudging" in capsys.readouterr().out
+    assert CALLS == ["register prepare", "prepare"]  # `models list` names no plug-in verb: none loaded
 
 
 @pytest.mark.usefixtures("plugins")
-def test_sdk_commands_import_no_plugins(server: FakeServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sdk_commands_import_no_plugins_and_reserved_names_are_refused(
+    server: FakeServer, capsys: pytest.CaptureFixture[str]
+) -> None:
     server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("hi")))
     assert run(server, "chat", "Q", "-m", "m", "--no-stream", *BASE) == 0
     assert CALLS == []
-    assert capsys.readouterr() == ("hi\n", "")
+    out, err = capsys.readouterr()
+    assert out == "hi\n"
+    assert err == (
+        "alignd: warning: ignoring entry point 'chat' "
+        f"({__name__}:register_collision) in group 'alignd.commands': alignd has its own 'chat'\n"
+    )
+
+
+def test_an_entry_point_named_like_a_group_extends_it(
+    no_plugins: dict[str, list[EntryPoint]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    CALLS.clear()
+    no_plugins["alignd.commands"] = [_ep("models", "register_models", "alignd.commands")]
+    assert cli.main(["models", "prepare"]) == 0
+    assert CALLS == ["register prepare", "prepare"]
+    assert capsys.readouterr().err == ""
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    assert CALLS == ["register prepare", "prepare"]  # top-level help does not need the group's verbs
 
 
 @pytest.mark.usefixtures("plugins")

@@ -25,12 +25,16 @@ parser, and other distributions (the server, third parties) add commands through
   and ``decoders``), with the same protocol: ``register`` receives that group's sub-subparsers object and
   adds the verb named like the entry point. Example: ``prepare = "alignd.server.cli:register_models"`` in
   group ``alignd.commands.models`` gives ``alignd models prepare``.
+* An entry point in ``alignd.commands`` named like one of those groups (``models = "..."``) is treated
+  the same way: its ``register`` receives the group's sub-subparsers. It is loaded whenever the group is
+  used, since its verbs are not known in advance; prefer the per-verb group above.
 
 An entry point is imported only when the command line names it (``alignd serve ...`` imports only
-``serve``; ``alignd chat`` imports none), or when help or an unknown command needs the full list. Names
-the SDK defines itself are reserved: an entry point using one is skipped with a warning. An entry point
-that fails to import or register is reported on stderr as a warning and skipped. A handler that raises
-:class:`~alignd.client.AlignError` gets the same one-line error as the SDK's own commands.
+``serve``; ``alignd chat`` imports none), or when help or an unknown command needs the full list. Other
+names the SDK defines itself (``chat``, ``complete``, ``list``, ...) are reserved: an entry point using
+one is skipped with a warning. An entry point that fails to import or register is reported on stderr as
+a warning and skipped. A handler that raises :class:`~alignd.client.AlignError` gets the same one-line
+error as the SDK's own commands.
 """
 
 from __future__ import annotations
@@ -75,20 +79,20 @@ def _warn(message: str) -> None:
     print(f"alignd: warning: {message}", file=sys.stderr)
 
 
-def _add_plugins(subparsers: Any, group: str, reserved: Iterable[str], wanted: str | None) -> None:
-    """Let the entry points of ``group`` register on ``subparsers``.
+def _add_plugins(
+    subparsers: Any, group: str, eps: Sequence[EntryPoint], reserved: Iterable[str], wanted: str | None
+) -> None:
+    """Let the entry points ``eps`` (of ``group``) register on ``subparsers``.
 
     ``wanted`` is the name the command line asks for: when an entry point has that name only it is
     loaded; when the name is one of alignd's own (``reserved``) none is, and an entry point claiming it
     is reported; otherwise (help, a typo) all are loaded so the parser can list them.
     """
     reserved = set(reserved)
-    eps = _entry_points(group)
     for ep in eps:
         if ep.name in reserved and ep.name == wanted:
             _warn(
-                f"ignoring entry point {ep.name!r} ({ep.value}) in group {group!r}: alignd already has a "
-                f"command of that name; add verbs to it through group '{SUBCOMMANDS_GROUP_PREFIX}{ep.name}'"
+                f"ignoring entry point {ep.name!r} ({ep.value}) in group {group!r}: alignd has its own {ep.name!r}"
             )
     if wanted in reserved:
         return
@@ -204,10 +208,24 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 
     words = _first_positionals(argv, 2)
     command = words[0] if words else None
-    _add_plugins(subparsers, COMMANDS_GROUP, subparsers.choices, command)
+    top_level = _entry_points(COMMANDS_GROUP)
+    _add_plugins(
+        subparsers,
+        COMMANDS_GROUP,
+        [ep for ep in top_level if ep.name not in groups],
+        subparsers.choices,
+        command,
+    )
     if command in groups:
+        verbs = groups[command]
         verb = words[1] if len(words) > 1 else None
-        _add_plugins(groups[command], SUBCOMMANDS_GROUP_PREFIX + command, groups[command].choices, verb)
+        group = SUBCOMMANDS_GROUP_PREFIX + command
+        _add_plugins(verbs, group, _entry_points(group), verbs.choices, verb)
+        # An `alignd.commands` entry point named like the group extends it; its verbs are unknown until
+        # it runs, so it is always loaded with the group.
+        _add_plugins(
+            verbs, COMMANDS_GROUP, [ep for ep in top_level if ep.name == command], verbs.choices, None
+        )
     return parser
 
 
