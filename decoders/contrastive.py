@@ -1,0 +1,166 @@
+"""Contrastive decoding (Li et al., "Contrastive Decoding: Open-ended Text Generation as Optimization").
+
+At each position, over the plausible tokens ``V_head = {x : p_expert(x) >= alpha * max_w p_expert(w)}``::
+
+    score(x) = log p_expert(x) - beta * log p_amateur(x) / tau
+
+and ``-inf`` elsewhere; greedy decoding takes the argmax, sampling draws from ``softmax(score / T)`` at
+the request's temperature ``T`` (with its top-p/top-k/min-p). ``tau`` is the amateur's temperature:
+``log p_amateur / tau`` differs from the log-probabilities of the amateur at temperature ``tau`` only by a
+constant per position, which changes neither the argmax nor the softmax.
+
+Differences from the reference code (XiangLi1999/ContrastiveDecoding, its patched ``generation_utils.py``):
+
+* the plausibility constraint ``alpha`` applies in every mode; the reference sets ``relative_top = None``
+  in greedy search and so forgets it there (the paper's objective always has it);
+* the reference subtracts raw logits; alignd uses raw log-probabilities, which differ by a constant per
+  position (same choices, same sampling distribution);
+* with a grammar constraint, ``V_head`` is taken relative to the most likely *allowed* token.
+
+``amateur_context``: ``"full"`` gives the amateur its whole prompt; ``"last_token"`` only the last prompt
+token plus the output so far, as the reference's ``--ignore_prefix yes`` (its default, and the setting of
+the paper's main results) does.
+
+``formula: "acd"`` gives the prompt contrast of Adversarial Contrastive Decoding (Zhao et al.): the same
+model under a safe system prompt (role ``expert``) and an adversarial one (role ``amateur``, a separate role
+assignment with its own system prompt: the server's business), scored ``log p_safe - acd_alpha * log
+p_adversarial`` (``beta`` and ``tau`` unused; the plausibility constraint still applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+from alignd.decoders.contract import DecoderContext, RoleSpec, StepView, ViewSpec
+from alignd.decoders.token_level import (
+    Scores,
+    SpeculativeParams,
+    Step,
+    TokenLevelDecoder,
+    TokenLevelParams,
+    token_text,
+)
+from pydantic import Field
+
+__all__ = ["Contrastive", "ContrastiveParams", "ContrastiveSpeculative", "contrastive_scores"]
+
+_FLOOR = -1e4  # stands in for log 0 in the amateur's view (its tokens are then strongly preferred)
+
+
+class ContrastiveSpeculative(SpeculativeParams):
+    """Draft-and-verify for contrastive decoding: the expert usually wins, so it drafts by default."""
+
+    draft_role: Literal["expert", "amateur"] = Field(
+        default="expert", description="The role that drafts blocks."
+    )
+
+
+class ContrastiveParams(TokenLevelParams):
+    """Parameters of contrastive decoding."""
+
+    alpha: float = Field(
+        default=0.1,
+        ge=0.0,
+        le=1.0,
+        description="Plausibility: only tokens with p_expert >= alpha * max p_expert are candidates "
+        "(in every mode).",
+    )
+    beta: float = Field(default=1.0, ge=0.0, le=10.0, description="Weight of the amateur's log-probability.")
+    tau: float = Field(default=0.5, gt=0.0, le=10.0, description="Temperature of the amateur.")
+    amateur_context: Literal["full", "last_token"] = Field(
+        default="full",
+        description="What the amateur sees: its full prompt, or only the last prompt token (the paper's main "
+        "results) plus the output so far.",
+    )
+    formula: Literal["cd", "acd"] = Field(
+        default="cd",
+        description="'cd': log p_expert - beta * log p_amateur / tau. "
+        "'acd' (Adversarial Contrastive Decoding): "
+        "log p_safe - acd_alpha * log p_adversarial, the amateur being the same model under an adversarial "
+        "system prompt.",
+    )
+    acd_alpha: float = Field(
+        default=0.5, ge=0.0, le=10.0, description="Weight of the adversarial role in 'acd'."
+    )
+    speculative: ContrastiveSpeculative | None = Field(  # type: ignore[assignment]
+        default=None, description="Speculative draft-and-verify (lossless); off when null."
+    )
+
+
+def contrastive_scores(
+    expert: np.ndarray,
+    amateur: np.ndarray,
+    alpha: float,
+    coefficient: float,
+    allowed: np.ndarray | None = None,
+) -> np.ndarray:
+    """``expert - coefficient * amateur`` over the plausible head of ``expert``, ``-inf`` elsewhere.
+
+    ``expert`` and ``amateur`` are vocabulary-sized log-probability vectors; ``coefficient`` is
+    ``beta / tau`` (or ACD's alpha); ``allowed`` restricts the head to tokens a grammar allows.
+    """
+    base = expert if allowed is None else np.where(allowed, expert, -np.inf)
+    finite = np.isfinite(base)
+    if not finite.any():
+        return np.full_like(expert, -np.inf)
+    threshold = np.max(base) + (np.log(alpha) if alpha > 0 else -np.inf)
+    head = finite & (base >= threshold)
+    amateur = np.where(np.isfinite(amateur), amateur, _FLOOR)
+    return np.where(head, expert - coefficient * amateur, -np.inf)
+
+
+class Contrastive(TokenLevelDecoder):
+    """Contrastive decoding: the expert's choices, minus what the amateur would also say."""
+
+    name: ClassVar[str] = "contrastive"
+    description: ClassVar[str] = (
+        "Contrastive decoding (Li et al.): log p_expert - beta * log p_amateur / tau over the expert's "
+        "plausible tokens; or the prompt contrast of Adversarial Contrastive Decoding."
+    )
+    roles: ClassVar[tuple[RoleSpec, ...]] = (
+        RoleSpec("expert", "The stronger model (or the model under a safe system prompt, for 'acd')."),
+        RoleSpec(
+            "amateur",
+            "A weaker model with the same vocabulary (or the same model under an adversarial prompt).",
+        ),
+    )
+    params_model: ClassVar[type[ContrastiveParams]] = ContrastiveParams
+    shared_vocab: ClassVar[bool] = True
+    params: ContrastiveParams
+
+    def view_specs(self, ctx: DecoderContext) -> dict[str, ViewSpec]:
+        """Both roles' full distributions: the head and the contrast need the whole vocabulary to be exact."""
+        return {"expert": ViewSpec(full=True), "amateur": ViewSpec(full=True)}
+
+    def role_prefix(self, ctx: DecoderContext, role: str) -> tuple[int, ...]:
+        """The amateur's prompt is cut to its last token with ``amateur_context='last_token'``."""
+        prompt = tuple(ctx.roles[role].prompt_ids)
+        if role == "amateur" and self.params.amateur_context == "last_token":
+            return prompt[-1:]
+        return prompt
+
+    def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
+        """The contrastive objective at ``step``."""
+        p = self.params
+        expert = views["expert"].dense(step.vocab_size)
+        amateur = views["amateur"].dense(step.vocab_size)
+        coefficient = p.beta / p.tau if p.formula == "cd" else p.acd_alpha
+        logits = contrastive_scores(expert, amateur, p.alpha, coefficient, step.allowed)
+        base = expert if step.allowed is None else np.where(step.allowed, expert, -np.inf)
+        top = int(np.argmax(base))
+        ctx = step.ctx
+
+        def explain(token: int) -> str:
+            label = "contrastive" if p.formula == "cd" else "contrastive(acd)"
+            if token == top:
+                text = token_text(ctx, "expert", token)
+                return f"{label}: expert top-1 {text!r} kept (p_expert={np.exp(expert[token]):.3f})"
+            return (
+                f"{label}: expert top-1 {token_text(ctx, 'expert', top)!r} demoted "
+                f"(p_amateur={np.exp(amateur[top]):.3f}); chose {token_text(ctx, 'expert', token)!r} "
+                f"(p_expert={np.exp(expert[token]):.3f}, p_amateur={np.exp(amateur[token]):.3f})"
+            )
+
+        return Scores(logits, explain=explain)

@@ -1,0 +1,331 @@
+"""The token-level driver: step loop, sampling, stop conditions, grammar, provenance, speculative blocks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pytest
+from alignd.decoders.contract import (
+    DecoderContext,
+    DecoderError,
+    GeneratedBlock,
+    GenerateOp,
+    RoleSpec,
+    SamplingOptions,
+    ScoreOp,
+    StepView,
+    ViewOp,
+    ViewSpec,
+)
+from alignd.decoders.speculative import sampling_probs
+from alignd.decoders.token_level import Scores, SpeculativeParams, Step, TokenLevelDecoder, TokenLevelParams
+from pydantic import Field, ValidationError
+from scipy.stats import chisquare
+
+from tests.support.fake_models import CharTokenizer, ContractExecutor, FakeModel, make_context, random_model
+
+V = 12
+TOK = CharTokenizer(V, special=())
+
+
+class MixSpeculative(SpeculativeParams):
+    draft_role: Literal["a", "b"] = "a"
+
+
+class MixParams(TokenLevelParams):
+    speculative: MixSpeculative | None = Field(default=None)  # type: ignore[assignment]
+
+
+class Mix(TokenLevelDecoder):
+    """Product of experts of roles ``a`` and ``b`` (score = log p_a + log p_b): a test decoder."""
+
+    name: ClassVar[str] = "mix"
+    description: ClassVar[str] = "test"
+    roles: ClassVar[tuple[RoleSpec, ...]] = (RoleSpec("a", "first"), RoleSpec("b", "second"))
+    params_model: ClassVar[type[MixParams]] = MixParams
+
+    def view_specs(self, ctx: DecoderContext) -> dict[str, ViewSpec]:
+        return {"a": ViewSpec(full=True), "b": ViewSpec(full=True)}
+
+    def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
+        logits = views["a"].dense(step.vocab_size) + views["b"].dense(step.vocab_size)
+        return Scores(logits, explain=lambda t: f"mix: chose {t}")
+
+
+def mix(**params: Any) -> Mix:
+    return Mix(Mix.parse_params(params))
+
+
+def models(seed: int = 0) -> dict[str, FakeModel]:
+    return {"a": random_model(V, 10 + seed), "b": random_model(V, 20 + seed)}
+
+
+def context(**kw: Any) -> DecoderContext:
+    kw.setdefault("eos", ())
+    return make_context({"a": ([1, 2, 3], V), "b": ([4, 2, 3], V)}, TOK, **kw)
+
+
+def expected_greedy(m: dict[str, FakeModel], max_tokens: int, eos: Sequence[int] = ()) -> list[int]:
+    out: list[int] = []
+    for _ in range(max_tokens):
+        s = m["a"].logprobs((1, 2, 3, *out)) + m["b"].logprobs((4, 2, 3, *out))
+        t = int(np.argmax(s))
+        if t in eos:
+            break
+        out.append(t)
+    return out
+
+
+def test_greedy_follows_the_merged_argmax() -> None:
+    m = models()
+    result = ContractExecutor(m).run(mix(), context(max_tokens=10))
+    assert result.tokens == expected_greedy(m, 10)
+    assert result.finish.reason == "length"
+    assert result.text == TOK.decode(result.tokens)
+    assert all(isinstance(op, ViewOp) for op in result.ops)
+    assert all(e.role == "a" and e.reason.startswith("mix: chose") for e in result.emits)
+
+
+def test_views_read_each_roles_own_prompt_plus_output() -> None:
+    result = ContractExecutor(models()).run(mix(), context(max_tokens=3))
+    views = result.ops_of(ViewOp)
+    assert [op.context for op in views if op.role == "a"][-1] == (1, 2, 3, *result.tokens[:2])
+    assert [op.context for op in views if op.role == "b"][-1] == (4, 2, 3, *result.tokens[:2])
+
+
+def test_end_of_sequence_stops_and_is_not_emitted() -> None:
+    m = models()
+    free = expected_greedy(m, 10)
+    eos = free[3]
+    result = ContractExecutor(m).run(mix(), context(max_tokens=10, eos=[eos]))
+    assert result.tokens == free[: free.index(eos)]
+    assert result.finish.reason == "stop"
+
+
+def test_stop_string_cuts_the_text() -> None:
+    m = models()
+    free = expected_greedy(m, 10)
+    stop = TOK.decode(free[4:6])
+    result = ContractExecutor(m).run(mix(), context(max_tokens=10, stop_strings=[stop]))
+    full = TOK.decode(free)
+    assert result.text == full[: full.index(stop)]
+    assert result.finish.reason == "stop"
+
+
+def test_logprobs_and_top_logprobs_are_the_decoders_own() -> None:
+    m = models()
+    result = ContractExecutor(m).run(mix(), context(max_tokens=4, top_logprobs=3))
+    first = result.emits[0]
+    merged = m["a"].logprobs((1, 2, 3)) + m["b"].logprobs((4, 2, 3))
+    norm = merged - np.log(np.exp(merged).sum())
+    assert first.logprobs == pytest.approx((norm[first.token_ids[0]],))
+    assert len(first.top_logprobs[0]) == 3
+    assert max(first.top_logprobs[0].values()) == pytest.approx(norm.max())
+
+
+def test_missing_role_is_a_decoder_error() -> None:
+    ctx = make_context({"a": ([1], V)}, TOK)
+    with pytest.raises(DecoderError) as info:
+        ContractExecutor(models()).run(mix(), ctx)
+    assert info.value.param == "alignment.roles.b"
+
+
+def test_params_reject_unknown_fields_and_bad_draft_roles() -> None:
+    with pytest.raises(ValidationError):
+        Mix.parse_params({"nope": 1})
+    with pytest.raises(ValidationError):
+        Mix.parse_params({"speculative": {"draft_role": "c"}})
+    with pytest.raises(ValidationError):
+        Mix.parse_params({"speculative": {"block_size": 0}})
+
+
+# ---- grammar -----------------------------------------------------------------------------------------
+
+
+class ParityGrammar:
+    """A fake grammar: token parities must alternate (even first); after ``length`` tokens only EOS.
+
+    ``weights`` (optional) adds ASAp-style log-weights; every call is recorded.
+    """
+
+    def __init__(self, eos: int, length: int = 4, weights: np.ndarray | None = None) -> None:
+        self.eos = eos
+        self.length = length
+        self.weights = weights
+        self.accepted: list[int] = []
+        self.rollbacks: list[int] = []
+        self.finished = 0
+        self.weight_calls = 0
+
+    def allowed_mask(self) -> np.ndarray:
+        mask = np.zeros(V, dtype=bool)
+        if len(self.accepted) >= self.length:
+            mask[self.eos] = True
+            return mask
+        parity = len(self.accepted) % 2
+        mask[[t for t in range(V) if t % 2 == parity and t != self.eos]] = True
+        return mask
+
+    def log_weights(self, allowed: np.ndarray, logprobs: np.ndarray) -> np.ndarray | None:
+        self.weight_calls += 1
+        assert np.isclose(np.exp(logprobs).sum(), 1.0), "the raw distribution is normalised"
+        return self.weights
+
+    def advance(self, token_id: int) -> None:
+        if not self.allowed_mask()[token_id]:
+            raise DecoderError(f"grammar refuses {token_id}")
+        self.accepted.append(token_id)
+
+    def rollback(self, num_tokens: int) -> None:
+        self.rollbacks.append(num_tokens)
+        del self.accepted[len(self.accepted) - num_tokens :]
+
+    def is_terminated(self) -> bool:
+        return len(self.accepted) >= self.length
+
+    def finish(self) -> None:
+        self.finished += 1
+
+
+@pytest.mark.parametrize("speculative", [None, {"block_size": 3}, {"block_size": 8, "draft_role": "b"}])
+def test_grammar_masks_every_position_and_ends_the_output(speculative: dict | None) -> None:
+    grammar = ParityGrammar(eos=V - 1)
+    result = ContractExecutor(models()).run(
+        mix(speculative=speculative), context(max_tokens=10, grammar=grammar, eos=[V - 1])
+    )
+    assert len(result.tokens) == 4
+    assert [t % 2 for t in result.tokens] == [0, 1, 0, 1]
+    assert grammar.accepted == result.tokens
+    assert grammar.finished == 1
+    assert result.finish.reason == "stop"
+
+
+def test_grammar_output_is_the_same_with_and_without_speculation() -> None:
+    outs = []
+    for speculative in (None, {"block_size": 2}, {"block_size": 5}):
+        grammar = ParityGrammar(eos=V - 1, length=6)
+        result = ContractExecutor(models(3)).run(
+            mix(speculative=speculative), context(max_tokens=10, grammar=grammar, eos=[V - 1])
+        )
+        outs.append(result.tokens)
+        if speculative:
+            assert grammar.rollbacks, "the draft was walked through the grammar and rolled back"
+    assert outs[0] == outs[1] == outs[2]
+
+
+def test_grammar_log_weights_reweight_the_choice() -> None:
+    m = models()
+    plain = ContractExecutor(m).run(mix(), context(max_tokens=1, grammar=ParityGrammar(eos=V - 1)))
+    first = plain.tokens[0]
+    weights = np.zeros(V)
+    weights[first] = -50.0  # ASAp: this token's futures are (almost) never grammatical
+    grammar = ParityGrammar(eos=V - 1, weights=weights)
+    steered = ContractExecutor(m).run(mix(), context(max_tokens=1, grammar=grammar))
+    assert steered.tokens[0] != first and steered.tokens[0] % 2 == 0
+    assert grammar.weight_calls == 1
+
+
+# ---- speculative -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 8])
+@pytest.mark.parametrize("draft_role", ["a", "b"])
+def test_speculative_greedy_is_identical(block_size: int, draft_role: str) -> None:
+    m = models(1)
+    plain = ContractExecutor(m).run(mix(), context(max_tokens=13))
+    spec = ContractExecutor(m).run(
+        mix(speculative={"draft_role": draft_role, "block_size": block_size}), context(max_tokens=13)
+    )
+    assert spec.tokens == plain.tokens
+    assert spec.finish == plain.finish
+    assert not spec.ops_of(ViewOp)
+    gens = spec.ops_of(GenerateOp)
+    assert gens and all(op.role == draft_role and op.max_tokens <= block_size for op in gens)
+    scores = spec.ops_of(ScoreOp)
+    assert scores and all(op.role != draft_role for op in scores)
+
+
+def test_speculative_block_is_kept_up_to_the_first_disagreement() -> None:
+    m = models(2)
+    plain = ContractExecutor(m).run(mix(), context(max_tokens=12))
+    spec = ContractExecutor(m).run(mix(speculative={"block_size": 4}), context(max_tokens=12))
+    kept = [e for e in spec.emits if "kept" in e.reason]
+    replaced = [e for e in spec.emits if "replaces" in e.reason]
+    assert kept and replaced, "the test models must both agree and disagree"
+    assert spec.tokens == plain.tokens
+    # each block ends at its first replacement: never more blocks than replacements + full blocks
+    assert len(spec.ops_of(GenerateOp)) <= len(replaced) + 12 // 4 + 1
+
+
+def test_speculative_respects_eos_stop_strings_and_max_tokens() -> None:
+    m = models()
+    free = expected_greedy(m, 12)
+    eos = free[5]
+    for kw in ({"eos": [eos]}, {"stop_strings": [TOK.decode(free[2:4])]}, {"max_tokens": 7}):
+        kw.setdefault("max_tokens", 12)
+        plain = ContractExecutor(m).run(mix(), context(**kw))
+        spec = ContractExecutor(m).run(mix(speculative={"block_size": 3}), context(**kw))
+        assert (spec.tokens, spec.text, spec.finish) == (plain.tokens, plain.text, plain.finish)
+
+
+class EmptyDraftExecutor(ContractExecutor):
+    """An engine whose draft returns nothing (a role that refuses to write)."""
+
+    def execute(self, op: Any) -> Any:
+        if isinstance(op, GenerateOp):
+            return GeneratedBlock([], [], False)
+        return super().execute(op)
+
+
+def test_an_empty_draft_falls_back_to_a_single_step() -> None:
+    m = models()
+    plain = ContractExecutor(m).run(mix(), context(max_tokens=5))
+    spec = EmptyDraftExecutor(m).run(mix(speculative={"block_size": 4}), context(max_tokens=5))
+    assert spec.tokens == plain.tokens
+
+
+def _sequence_probs(
+    m: dict[str, FakeModel], prompts: dict[str, tuple], length: int, temperature: float, vocab: int
+) -> dict[tuple, float]:
+    out: dict[tuple, float] = {}
+
+    def walk(prefix: tuple, prob: float) -> None:
+        if len(prefix) == length:
+            out[prefix] = prob
+            return
+        s = m["a"].logprobs(prompts["a"] + prefix) + m["b"].logprobs(prompts["b"] + prefix)
+        p = sampling_probs(s, temperature)
+        for t in range(vocab):
+            walk(prefix + (t,), prob * p[t])
+
+    walk((), 1.0)
+    return out
+
+
+@pytest.mark.parametrize("speculative", [None, {"block_size": 2}, {"block_size": 3, "draft_role": "b"}])
+def test_sampling_distribution_is_exact(speculative: dict | None) -> None:
+    """Three tokens over a 4-token vocabulary, with blocks of 2 (crossing a block boundary) or 3."""
+    vocab, length, temperature, n = 4, 3, 0.8, 3000
+    m = {"a": random_model(vocab, 31), "b": random_model(vocab, 32)}
+    tok = CharTokenizer(vocab, special=())
+    decoder = mix(speculative=speculative)
+    counts: dict[tuple, int] = {}
+    for seed in range(n):
+        ctx = make_context(
+            {"a": ([1, 2, 3], vocab), "b": ([0, 2, 3], vocab)},
+            tok,
+            max_tokens=length,
+            sampling=SamplingOptions(temperature=temperature),
+            seed=seed,
+            eos=(),
+        )
+        tokens = tuple(ContractExecutor(m).run(decoder, ctx).tokens)
+        counts[tokens] = counts.get(tokens, 0) + 1
+    probs = _sequence_probs(m, {"a": (1, 2, 3), "b": (0, 2, 3)}, length, temperature, vocab)
+    keys = sorted(probs)
+    observed = np.array([counts.get(k, 0) for k in keys])
+    expected = np.array([probs[k] for k in keys]) * n
+    assert observed.sum() == n
+    assert chisquare(observed, expected).pvalue > 1e-3
