@@ -24,6 +24,7 @@ from tests.support.fake_models import ContractExecutor, RunResult
 __all__ = [
     "HFModel",
     "HFReward",
+    "HFTokenizer",
     "logits_fn",
     "raw_logits_fn",
     "run_with_hf",
@@ -108,6 +109,21 @@ class HFModel:
             hit = self._fn(list(key)).numpy().copy()
             self._cache[key] = hit
         return hit
+
+
+class HFTokenizer:
+    """A transformers tokenizer as the contract's :class:`~alignd.decoders.contract.Tokenizer`."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` without special tokens."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def decode(self, token_ids: Any) -> str:
+        """Text of ``token_ids``, special tokens skipped."""
+        return str(self.tokenizer.decode(list(token_ids), skip_special_tokens=True))
 
 
 class HFReward:
