@@ -242,3 +242,38 @@ def test_sampling_distribution_matches_reference(speculative: dict | None) -> No
     assert set(counts) <= set(keys)
     observed = np.array([counts.get(key, 0) for key in keys])
     assert chisquare(observed, np.array([probs[key] for key in keys]) * n).pvalue > 1e-3
+
+
+def test_grammar_with_speculation_gives_the_same_output() -> None:
+    class Alternating:
+        """Parities alternate; the draft is walked through and rolled back."""
+
+        def __init__(self) -> None:
+            self.accepted: list[int] = []
+
+        def allowed_mask(self) -> np.ndarray:
+            parity = len(self.accepted) % 2
+            return np.array([t % 2 == parity and t != EOS for t in range(V)])
+
+        def log_weights(self, allowed: np.ndarray, logprobs: np.ndarray) -> None:
+            return None
+
+        def advance(self, token_id: int) -> None:
+            assert self.allowed_mask()[token_id]
+            self.accepted.append(token_id)
+
+        def rollback(self, num_tokens: int) -> None:
+            del self.accepted[len(self.accepted) - num_tokens :]
+
+        def is_terminated(self) -> bool:
+            return False
+
+        def finish(self) -> None:
+            pass
+
+    outs = [
+        run(decoder(k=3, speculative=spec), ctx(max_tokens=8, grammar=Alternating())).tokens
+        for spec in (None, {"block_size": 3})
+    ]
+    assert outs[0] == outs[1] and len(outs[0]) == 8
+    assert [t % 2 for t in outs[0]] == [0, 1] * 4

@@ -151,3 +151,38 @@ def test_sampling_distribution_matches_reference(speculative: dict | None) -> No
     observed = np.array([counts.get(k, 0) for k in keys])
     expected = np.array([probs[k] for k in keys]) * n
     assert chisquare(observed, expected).pvalue > 1e-3
+
+
+def test_plausibility_is_relative_to_the_best_allowed_token() -> None:
+    """Under a grammar that forbids the expert's favourite, the head is taken among allowed tokens."""
+
+    class NotOne:
+        def allowed_mask(self) -> np.ndarray:
+            return np.array([True, False, True, True])
+
+        def log_weights(self, allowed: np.ndarray, logprobs: np.ndarray) -> None:
+            return None
+
+        def advance(self, token_id: int) -> None:
+            assert token_id != 1
+
+        def rollback(self, num_tokens: int) -> None:
+            pass
+
+        def is_terminated(self) -> bool:
+            return False
+
+        def finish(self) -> None:
+            pass
+
+    # allowed: 0 (p .06), 2 (p .04), 3 (p .001): head among allowed = {0, 2} (3 < 0.1 * .06)
+    expert = table_model({}, [0.06, 0.899, 0.04, 0.001])
+    amateur = table_model({}, [0.5, 0.3, 0.19, 0.01])
+    vocab = 4
+    tok = CharTokenizer(vocab, special=())
+    c = make_context(
+        {"expert": ([1], vocab), "amateur": ([1], vocab)}, tok, max_tokens=1, eos=(), grammar=NotOne()
+    )
+    result = ContractExecutor({"expert": expert, "amateur": amateur}).run(decoder(), c)
+    # scores: 0 -> log .06 - 2 log .5 = -1.43; 2 -> log .04 - 2 log .19 = 0.10; 3 excluded (else 6.3)
+    assert result.tokens == [2]

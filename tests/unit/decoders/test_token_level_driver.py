@@ -19,7 +19,6 @@ from alignd.decoders.contract import (
     ViewOp,
     ViewSpec,
 )
-from alignd.decoders.speculative import sampling_probs
 from alignd.decoders.token_level import Scores, SpeculativeParams, Step, TokenLevelDecoder, TokenLevelParams
 from pydantic import Field, ValidationError
 from scipy.stats import chisquare
@@ -287,7 +286,12 @@ def test_an_empty_draft_falls_back_to_a_single_step() -> None:
 
 
 def _sequence_probs(
-    m: dict[str, FakeModel], prompts: dict[str, tuple], length: int, temperature: float, vocab: int
+    m: dict[str, FakeModel],
+    prompts: dict[str, tuple],
+    length: int,
+    temperature: float,
+    vocab: int,
+    top_k: int,
 ) -> dict[tuple, float]:
     out: dict[tuple, float] = {}
 
@@ -296,17 +300,25 @@ def _sequence_probs(
             out[prefix] = prob
             return
         s = m["a"].logprobs(prompts["a"] + prefix) + m["b"].logprobs(prompts["b"] + prefix)
-        p = sampling_probs(s, temperature)
+        p = np.exp(s / temperature)
+        if top_k:
+            p[np.argsort(-p)[top_k:]] = 0.0
+        p = p / p.sum()
         for t in range(vocab):
-            walk(prefix + (t,), prob * p[t])
+            if p[t] > 0:
+                walk(prefix + (t,), prob * p[t])
 
     walk((), 1.0)
     return out
 
 
-@pytest.mark.parametrize("speculative", [None, {"block_size": 2}, {"block_size": 3, "draft_role": "b"}])
-def test_sampling_distribution_is_exact(speculative: dict | None) -> None:
-    """Three tokens over a 4-token vocabulary, with blocks of 2 (crossing a block boundary) or 3."""
+@pytest.mark.parametrize(
+    "speculative,top_k",
+    [(None, 0), ({"block_size": 2}, 0), ({"block_size": 3, "draft_role": "b"}, 0), ({"block_size": 2}, 3)],
+)
+def test_sampling_distribution_is_exact(speculative: dict | None, top_k: int) -> None:
+    """Three tokens over a 4-token vocabulary, with blocks of 2 (crossing a block boundary) or 3; with a
+    top-k filter the target is filtered while the draft is not (still exact)."""
     vocab, length, temperature, n = 4, 3, 0.8, 3000
     m = {"a": random_model(vocab, 31), "b": random_model(vocab, 32)}
     tok = CharTokenizer(vocab, special=())
@@ -317,14 +329,15 @@ def test_sampling_distribution_is_exact(speculative: dict | None) -> None:
             {"a": ([1, 2, 3], vocab), "b": ([0, 2, 3], vocab)},
             tok,
             max_tokens=length,
-            sampling=SamplingOptions(temperature=temperature),
+            sampling=SamplingOptions(temperature=temperature, top_k=top_k),
             seed=seed,
             eos=(),
         )
         tokens = tuple(ContractExecutor(m).run(decoder, ctx).tokens)
         counts[tokens] = counts.get(tokens, 0) + 1
-    probs = _sequence_probs(m, {"a": (1, 2, 3), "b": (0, 2, 3)}, length, temperature, vocab)
+    probs = _sequence_probs(m, {"a": (1, 2, 3), "b": (0, 2, 3)}, length, temperature, vocab, top_k)
     keys = sorted(probs)
+    assert set(counts) <= set(keys)
     observed = np.array([counts.get(k, 0) for k in keys])
     expected = np.array([probs[k] for k in keys]) * n
     assert observed.sum() == n
