@@ -175,7 +175,7 @@ MODELS = {
                     "base": {"model": "tiny-base"},
                     "aligner": {"model": "tiny-chat", "system_prompt": "Be kind."},
                 },
-                "params": {"threshold": 0.4},
+                "params": {"gamma": 0.4},
                 "description": "the base, nudged by the chat model",
             },
         },
@@ -196,7 +196,7 @@ DECODERS = {
             "params_schema": {
                 "type": "object",
                 "properties": {
-                    "threshold": {"type": "number", "default": 0.4, "description": "top-1 probability cut"}
+                    "gamma": {"type": "number", "default": 0.4, "description": "top-1 probability cut"}
                 },
             },
         },

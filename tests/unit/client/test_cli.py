@@ -189,11 +189,9 @@ def test_inline_recipe_from_decoder_roles_and_params(
 
 def test_param_overrides_a_named_recipe_and_model_plays_every_role(server: FakeServer) -> None:
     server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("ok")))
-    assert (
-        run(server, "chat", "Q", "-r", "tiny-nudging", "--param", "threshold=0.2", "--no-stream", *BASE) == 0
-    )
+    assert run(server, "chat", "Q", "-r", "tiny-nudging", "--param", "gamma=0.2", "--no-stream", *BASE) == 0
     assert server.body()["model"] == "tiny-nudging"
-    assert server.body()["alignment"] == {"params": {"threshold": 0.2}}
+    assert server.body()["alignment"] == {"params": {"gamma": 0.2}}
     assert run(server, "chat", "Q", "-d", "urial", "-m", "tiny-base", "--no-stream", *BASE) == 0
     assert server.body()["model"] == "tiny-base"
     assert server.body()["alignment"] == {"decoder": "urial", "roles": {}, "params": {}}
@@ -288,7 +286,7 @@ def test_decoders_list_and_show(server: FakeServer, capsys: pytest.CaptureFixtur
     assert run(server, "decoders", "show", "nudging", *BASE) == 0
     out = capsys.readouterr().out
     assert "roles:\n  base: writes\n  aligner: nudges\n" in out
-    assert "  threshold = 0.4: top-1 probability cut" in out
+    assert "  gamma = 0.4: top-1 probability cut" in out
     assert run(server, "decoders", "show", "args", *BASE) == 0
     assert "  reward (reward, optional): scores" in capsys.readouterr().out
     assert run(server, "decoders", "show", "nope", *BASE) == 1

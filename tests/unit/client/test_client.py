@@ -85,7 +85,7 @@ def test_chat_with_a_recipe_object_sends_alignment_and_first_role_as_model(serve
     server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("ok")))
     messages = [{"role": "user", "content": "Q"}]
     make_client(server).chat(
-        messages, recipe=Nudging(base="tiny-base", aligner="tiny-chat", threshold=0.3), trace=True
+        messages, recipe=Nudging(base="tiny-base", aligner="tiny-chat", gamma=0.3), trace=True
     )
     body = server.body()
     assert body["model"] == "tiny-base"
@@ -93,7 +93,7 @@ def test_chat_with_a_recipe_object_sends_alignment_and_first_role_as_model(serve
     assert body["alignment"] == {
         "decoder": "nudging",
         "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
-        "params": {"threshold": 0.3},
+        "params": {"gamma": 0.3},
         "trace": True,
     }
 
@@ -123,10 +123,10 @@ def test_alignment_dict_and_extra_body(server: FakeServer) -> None:
 def test_recipe_params_override_named_recipes_and_merge_with_builders(server: FakeServer) -> None:
     server.on("POST", "/v1/chat/completions", httpx.Response(200, json=chat_result("ok")))
     client = make_client(server)
-    client.chat("Q", recipe="tiny-nudging", recipe_params={"threshold": 0.1}, trace=True)
-    assert server.body()["alignment"] == {"params": {"threshold": 0.1}, "trace": True}
-    client.chat("Q", recipe=Nudging(base="a", aligner="b", threshold=0.3), recipe_params={"extra": 1})
-    assert server.body()["alignment"]["params"] == {"threshold": 0.3, "extra": 1}
+    client.chat("Q", recipe="tiny-nudging", recipe_params={"gamma": 0.1}, trace=True)
+    assert server.body()["alignment"] == {"params": {"gamma": 0.1}, "trace": True}
+    client.chat("Q", recipe=Nudging(base="a", aligner="b", gamma=0.3), recipe_params={"extra": 1})
+    assert server.body()["alignment"]["params"] == {"gamma": 0.3, "extra": 1}
     client.chat("Q", model="tiny-chat", recipe={"decoder": "urial"})  # no roles: the model plays them all
     assert server.body()["model"] == "tiny-chat" and server.body()["alignment"] == {"decoder": "urial"}
 
@@ -188,11 +188,11 @@ def test_models_decoders_and_health(server: FakeServer) -> None:
     assert recipe.alignd.role_models() == {"base": "tiny-base", "aligner": "tiny-chat"}
     assert models[0].alignd.base_model and not models[0].is_recipe
     assert models[0].alignd.task == "generate" and models[0].alignd.ready
-    assert recipe.alignd.base_model is None and recipe.alignd.params == {"threshold": 0.4}
+    assert recipe.alignd.base_model is None and recipe.alignd.params == {"gamma": 0.4}
     decoders = client.decoders()
     assert [d.name for d in decoders] == ["nudging", "args"]
     assert decoders[1].roles[1].task == "reward" and decoders[1].roles[1].optional
-    assert decoders[0].param_defaults() == {"threshold": 0.4}
+    assert decoders[0].param_defaults() == {"gamma": 0.4}
     assert client.health().status == "ok"
 
 
@@ -220,9 +220,9 @@ def test_unreadable_success_body_is_a_response_error(server: FakeServer) -> None
 )
 def test_error_statuses_map_to_exceptions(server: FakeServer, status: int, cls: type[APIStatusError]) -> None:
     body = error_body(
-        "threshold must be in (0, 1)",
+        "gamma must be in (0, 1)",
         "invalid_request_error",
-        param="alignment.params.threshold",
+        param="alignment.params.gamma",
         code="bad_param",
     )
     server.on("POST", "/v1/chat/completions", httpx.Response(status, json=body))
@@ -232,12 +232,12 @@ def test_error_statuses_map_to_exceptions(server: FakeServer, status: int, cls: 
     assert type(exc) is cls
     assert isinstance(exc, AlignError)
     assert exc.status_code == status
-    assert exc.message == "threshold must be in (0, 1)"
+    assert exc.message == "gamma must be in (0, 1)"
     assert exc.type == "invalid_request_error"
-    assert exc.param == "alignment.params.threshold"
+    assert exc.param == "alignment.params.gamma"
     assert exc.code == "bad_param"
     assert exc.body == body
-    assert str(exc) == f"{status}: threshold must be in (0, 1) (param: alignment.params.threshold)"
+    assert str(exc) == f"{status}: gamma must be in (0, 1) (param: alignment.params.gamma)"
 
 
 def test_error_without_openai_body_uses_the_text_or_reason(server: FakeServer) -> None:

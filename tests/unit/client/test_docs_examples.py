@@ -75,7 +75,7 @@ class CannedAPI(BaseHTTPRequestHandler):
                     "roles": [
                         {"name": "base", "description": "writes", "task": "generate", "optional": False}
                     ],
-                    "params_schema": {"properties": {"threshold": {"default": 0.4}}},
+                    "params_schema": {"properties": {"gamma": {"default": 0.4}}},
                 }
                 for d in DECODERS
             ]

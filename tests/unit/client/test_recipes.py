@@ -27,19 +27,19 @@ def test_nudging_sends_roles_and_only_the_params_given() -> None:
         "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
         "params": {},
     }
-    recipe = Nudging(base="tiny-base", aligner="tiny-chat", threshold=0.3)
-    assert recipe.threshold == 0.3
+    recipe = Nudging(base="tiny-base", aligner="tiny-chat", threshold=0.3)  # ``threshold=`` names ``gamma``
+    assert recipe.gamma == 0.3
     assert recipe.to_alignment(trace=True) == {
         "decoder": "nudging",
         "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
-        "params": {"threshold": 0.3},
+        "params": {"gamma": 0.3},
         "trace": True,
     }
 
 
 def test_unknown_keyword_arguments_pass_through_as_params() -> None:
-    alignment = Nudging(base="a", aligner="b", threshold=0.2, max_nudge_tokens=4).to_alignment()
-    assert alignment["params"] == {"threshold": 0.2, "max_nudge_tokens": 4}
+    alignment = Nudging(base="a", aligner="b", gamma=0.2, max_nudge_tokens=4).to_alignment()
+    assert alignment["params"] == {"gamma": 0.2, "max_nudge_tokens": 4}
 
 
 def test_role_variants_serialise_as_objects_and_plain_roles_as_names() -> None:
@@ -127,14 +127,12 @@ def test_urial_and_default_model_is_the_first_role() -> None:
 
 
 def test_generic_recipe_round_trips_through_the_alignment_field() -> None:
-    recipe = Recipe(
-        "nudging", {"base": "a", "aligner": {"model": "b", "system_prompt": "s"}}, {"threshold": 0.1}
-    )
+    recipe = Recipe("nudging", {"base": "a", "aligner": {"model": "b", "system_prompt": "s"}}, {"gamma": 0.1})
     alignment = recipe.to_alignment()
     assert alignment == {
         "decoder": "nudging",
         "roles": {"base": "a", "aligner": {"model": "b", "system_prompt": "s"}},
-        "params": {"threshold": 0.1},
+        "params": {"gamma": 0.1},
     }
     assert Recipe.from_alignment({**alignment, "trace": True}) == recipe
     assert isinstance(recipe, BaseRecipe)
@@ -145,7 +143,7 @@ def test_generic_recipe_round_trips_through_the_alignment_field() -> None:
 def test_recipes_are_immutable() -> None:
     recipe = Nudging(base="a", aligner="b")
     with pytest.raises(ValidationError):
-        recipe.threshold = 0.9  # type: ignore[misc]
+        recipe.gamma = 0.9  # type: ignore[misc]
 
 
 # ---- the builders against the server's decoders, where this checkout has them ----------------------------
@@ -188,3 +186,50 @@ def test_builder_matches_the_server_decoder(builder: Any, name: str) -> None:
             assert field.get_default() is None, f"{wire_name}: leave factory defaults to the server (None)"
         elif not server_field.is_required() and not field.is_required():
             assert field.get_default() == server_field.get_default(), f"{wire_name}: default differs"
+
+
+SAMPLES: list[BaseRecipe] = [
+    Nudging(
+        base="b",
+        aligner="a",
+        gamma=0.3,
+        block_tokens=8,
+        base_chunk_tokens=8,
+        shared_tokenizer=True,
+        stop_on_repetition=False,
+        repetition_min_words=4,
+        max_repeated_nudges=2,
+    ),
+    ARGS(
+        base="b",
+        reward="r",
+        k=5,
+        w=0.5,
+        temperature=None,
+        rewards=[{"kind": "model"}],
+        combine="log_sigmoid",
+        speculative=Speculative(block_size=4),
+    ),
+    Contrastive(
+        expert="e",
+        amateur="a",
+        alpha=0.2,
+        beta=0.5,
+        tau=1.0,
+        amateur_context="last_token",
+        formula="acd",
+        acd_alpha=0.3,
+        speculative=Speculative(draft_role="expert"),
+    ),
+    LogitArithmetic(base="b", aligned="a", reference="r", lam=0.5, speculative=Speculative()),
+    GrammarAligned(base="b", choice=["yes", "no"], mode="asap", backend="llguidance", pure_sampling=True),
+    GrammarAligned(base="b", json_schema={"type": "object"}),
+    URIAL(base="b", block_tokens=8, stop_at_query=False),
+]
+
+
+@pytest.mark.parametrize("recipe", SAMPLES, ids=[f"{type(r).__name__}-{i}" for i, r in enumerate(SAMPLES)])
+def test_the_server_decoder_accepts_what_a_builder_sends(recipe: BaseRecipe) -> None:
+    alignment = recipe.to_alignment()
+    cls = _decoder_class(alignment["decoder"])
+    cls.parse_params(alignment["params"])  # raises (a 400 on the server) if a name, type or value is off

@@ -2,9 +2,9 @@
 
 Each builder serialises to the ``alignment`` body field with :meth:`BaseRecipe.to_alignment`::
 
-    Nudging(base="tiny-base", aligner="tiny-chat", threshold=0.3).to_alignment()
+    Nudging(base="tiny-base", aligner="tiny-chat", gamma=0.3).to_alignment()
     == {"decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
-        "params": {"threshold": 0.3}}
+        "params": {"gamma": 0.3}}
 
 Parameter names are the server decoders' own. Only parameters given explicitly are sent, so the server's
 defaults (which the builders' defaults mirror) apply to the rest; keyword arguments a builder does not
@@ -105,7 +105,7 @@ class BaseRecipe(BaseModel, ABC):
 
 
 class Recipe(BaseRecipe):
-    """Any decoder by name: ``Recipe("nudging", {"base": "m1", "aligner": "m2"}, {"threshold": 0.3})``."""
+    """Any decoder by name: ``Recipe("nudging", {"base": "m1", "aligner": "m2"}, {"gamma": 0.3})``."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -162,10 +162,13 @@ class _Builder(BaseRecipe):
 
 
 class Nudging(_Builder):
-    """Nudging: the base model writes; where its top token is unsure, the small aligned model takes over.
+    """Nudging: the base model writes; where it is unsure, the small aligned model takes over.
 
-    Roles: ``base`` writes by default, ``aligner`` writes where the base's top-1 probability is below
-    ``threshold``.
+    Roles: ``base`` writes while its top-1 probability at word starts is at least ``gamma`` (also
+    accepted as ``threshold=``); below it, ``aligner`` proposes the next words (``block_tokens`` per
+    round). Works across tokenizers (``shared_tokenizer=None`` detects a shared one). The output stops
+    early when it starts repeating itself (``stop_on_repetition``, ``repetition_min_words``,
+    ``max_repeated_nudges``).
     """
 
     decoder: ClassVar[str] = "nudging"
@@ -173,7 +176,13 @@ class Nudging(_Builder):
 
     base: RoleLike
     aligner: RoleLike
-    threshold: float = 0.4
+    gamma: float = Field(0.4, validation_alias=AliasChoices("gamma", "threshold"))
+    block_tokens: int = 16
+    base_chunk_tokens: int = 16
+    shared_tokenizer: bool | None = None
+    stop_on_repetition: bool = True
+    repetition_min_words: int = 6
+    max_repeated_nudges: int = 3
 
 
 class ARGS(_Builder):
