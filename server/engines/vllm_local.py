@@ -1,0 +1,417 @@
+"""An in-process vLLM ``AsyncLLM`` behind alignd's :class:`Engine` interface.
+
+The engine core runs in its own process (vLLM's design); this object lives in the gateway's event loop and
+is shared by every request. Decoder sessions use vLLM 0.32's streaming-input requests: the request stays
+open and keeps its KV cache while the gateway appends the tokens its decoder chose, one chunk per step
+(``max_tokens=1`` per chunk: the engine's own sample is replaced by the next appended chunk).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from alignd.decoders.contract import GeneratedBlock, GenerateOp, ScoreOp, StepView, ViewSpec
+from alignd.server.engines.base import (
+    ChoiceDelta,
+    Engine,
+    EngineUnavailable,
+    GenerationUpdate,
+    InvalidEngineRequest,
+    ModelInfo,
+    SamplingSpec,
+    Session,
+    TokenLogprob,
+)
+from alignd.server.settings import ModelSettings
+
+__all__ = ["LocalVLLMEngine", "on_cpu"]
+
+log = logging.getLogger(__name__)
+
+# Engine arguments alignd sets itself; the `vllm:` map of a model may override any of them.
+_CPU_DEFAULTS: dict[str, Any] = {"enforce_eager": True}
+
+
+def on_cpu() -> bool:
+    """Whether vLLM runs on its CPU backend here."""
+    from vllm.platforms import current_platform
+
+    return bool(current_platform.is_cpu())
+
+
+def _sampling_params(spec: SamplingSpec) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+    structured = None
+    if spec.structured is not None:
+        kind, value = spec.structured.kind, spec.structured.value
+        structured = StructuredOutputsParams(
+            json=value if kind == "json" else None,
+            json_object=True if kind == "json_object" else None,
+            regex=value if kind == "regex" else None,
+            grammar=value if kind == "grammar" else None,
+            choice=value if kind == "choice" else None,
+        )
+    return SamplingParams(
+        n=spec.n,
+        max_tokens=spec.max_tokens,
+        temperature=spec.temperature,
+        top_p=spec.top_p,
+        top_k=spec.top_k if spec.top_k > 0 else 0,
+        min_p=spec.min_p,
+        seed=spec.seed,
+        stop=list(spec.stop) or None,
+        stop_token_ids=list(spec.stop_token_ids) or None,
+        ignore_eos=spec.ignore_eos,
+        logprobs=spec.logprobs,
+        prompt_logprobs=spec.prompt_logprobs,
+        logit_bias=dict(spec.logit_bias) or None,
+        presence_penalty=spec.presence_penalty,
+        frequency_penalty=spec.frequency_penalty,
+        repetition_penalty=spec.repetition_penalty,
+        structured_outputs=structured,
+        skip_special_tokens=spec.skip_special_tokens,
+        output_kind=RequestOutputKind.DELTA,
+    )
+
+
+def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    kwargs: dict[str, Any] = dict(
+        max_tokens=max_tokens,
+        temperature=0.0,
+        detokenize=False,
+        flat_logprobs=True,
+        output_kind=RequestOutputKind.DELTA,
+    )
+    if want.full:
+        kwargs["logprobs"] = -1
+    elif want.token_ids:
+        kwargs["logprob_token_ids"] = sorted(set(want.token_ids))
+    else:
+        kwargs["logprobs"] = max(1, want.top_k)
+    kwargs.update(extra)
+    return SamplingParams(**kwargs)
+
+
+def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> StepView:
+    """One position of vLLM's flat logprobs as a view: deduplicated, most likely first."""
+    id_arr = np.asarray(ids, dtype=np.int64)
+    lp_arr = np.asarray(lps, dtype=np.float64)
+    if want.full:
+        dense = np.full(int(id_arr.max()) + 1 if id_arr.size else 0, -np.inf)
+        dense[id_arr] = lp_arr
+        return StepView(logprobs=dense)
+    uniq, first = np.unique(id_arr, return_index=True)
+    vals = lp_arr[first]
+    order = np.argsort(-vals, kind="stable")
+    if not want.token_ids and want.top_k:
+        order = order[: want.top_k]
+    return StepView(logprobs=vals[order], token_ids=uniq[order])
+
+
+def _flat_views(flat: Any, want: ViewSpec, vocab_size: int) -> list[StepView | None]:
+    views: list[StepView | None] = []
+    for start, end in zip(flat.start_indices, flat.end_indices):
+        if start == end:
+            views.append(None)
+            continue
+        view = _position_view(flat.token_ids[start:end], flat.logprobs[start:end], want)
+        if view.token_ids is None and view.logprobs.shape[0] < vocab_size:
+            view = StepView(logprobs=view.dense(vocab_size))
+        views.append(view)
+    return views
+
+
+def _token_logprobs(token_ids: Sequence[int], logprobs: Any, k: int) -> list[TokenLogprob]:
+    out = []
+    for tid, position in zip(token_ids, logprobs):
+        top = sorted(((i, lp.logprob) for i, lp in position.items()), key=lambda x: -x[1])[:k]
+        chosen = position.get(tid)
+        out.append(TokenLogprob(tid, chosen.logprob if chosen else float("-inf"), top))
+    return out
+
+
+def _translate(exc: BaseException) -> BaseException:
+    from vllm.v1.engine.exceptions import EngineDeadError, EngineGenerateError
+
+    if isinstance(exc, EngineDeadError):
+        return EngineUnavailable(f"engine died: {exc}")
+    if isinstance(exc, EngineGenerateError):
+        return EngineUnavailable(f"engine failed: {exc}")
+    if isinstance(exc, ValueError):
+        return InvalidEngineRequest(str(exc), getattr(exc, "parameter", None))
+    return exc
+
+
+class _LocalSession(Session):
+    def __init__(self, engine: LocalVLLMEngine, request_id: str) -> None:
+        self._engine = engine
+        self._request_id = request_id
+        self._queue: asyncio.Queue[Any] = asyncio.Queue()
+        self._outputs: AsyncIterator[Any] | None = None
+        self._context: list[int] = []
+        self._last: tuple[ViewSpec, StepView] | None = None
+
+    async def _inputs(self) -> AsyncIterator[Any]:
+        while True:
+            item = await self._queue.get()
+            if item is None:
+                return
+            yield item
+
+    async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+
+        context = list(context)
+        n = len(self._context)
+        if self._outputs is not None and (len(context) < n or context[:n] != self._context):
+            await self.close()  # the context diverged: start over (the prefix cache keeps most of it)
+        if self._outputs is not None and context == self._context and self._last and self._last[0] == want:
+            return self._last[1]
+        if self._outputs is not None and context == self._context:
+            await self.close()
+        delta = context[len(self._context):] if self._outputs is not None else context
+        params = _view_params(want)
+        # vLLM mutates the first chunk's prompt list in place (a known bug): pass a copy.
+        await self._queue.put(StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(delta)), sampling_params=params))
+        if self._outputs is None:
+            self._outputs = self._engine.llm.generate(self._inputs(), params, self._request_id).__aiter__()
+        try:
+            out = await self._outputs.__anext__()
+        except Exception as exc:  # noqa: BLE001
+            self._outputs = None
+            raise _translate(exc) from exc
+        self._context = context
+        views = _flat_views(out.outputs[0].logprobs, want, self._engine.info.vocab_size)
+        view = views[-1]
+        assert view is not None
+        self._last = (want, view)
+        return view
+
+    async def close(self) -> None:
+        outputs, self._outputs = self._outputs, None
+        self._context, self._last = [], None
+        if outputs is not None:
+            aclose = getattr(outputs, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._queue = asyncio.Queue()
+
+
+class LocalVLLMEngine(Engine):
+    """One hosted model in an in-process vLLM ``AsyncLLM``."""
+
+    def __init__(self, name: str, settings: ModelSettings, kv_cache_gib: float | None = None) -> None:
+        self.name = name
+        self.settings = settings
+        self.kv_cache_gib = kv_cache_gib
+        self.llm: Any = None
+        self._ready = False
+        self._counter = 0
+
+    def engine_args(self) -> Any:
+        """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        s = self.settings
+        kwargs: dict[str, Any] = dict(
+            model=s.path,
+            dtype=s.dtype,
+            max_logprobs=s.max_logprobs,
+            disable_log_stats=True,
+            enable_prefix_caching=True,
+            # Small models given JSON freedom often write whitespace until max_tokens runs out; compact JSON
+            # is equally valid and ends where the model wants it to.
+            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
+        )
+        if s.max_model_len:
+            kwargs["max_model_len"] = s.max_model_len
+        if s.task == "reward":
+            kwargs["runner"] = "pooling"
+            kwargs.pop("max_logprobs")
+            kwargs.pop("enable_prefix_caching")
+            kwargs.pop("structured_outputs_config")
+        if on_cpu():
+            kwargs.update(_CPU_DEFAULTS)
+        kwargs.update(s.vllm)
+        return AsyncEngineArgs(**kwargs)
+
+    async def start(self) -> None:
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        if on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+            # The CPU backend reserves its KV cache up front; size it for a small machine. Read by the
+            # engine core process, which inherits this environment when it is spawned just below.
+            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib or 1)
+        args = self.engine_args()
+        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        cfg = self.llm.model_config
+        eos: set[int] = set()
+        gen_cfg = getattr(cfg, "hf_config", None)
+        for source in (getattr(gen_cfg, "eos_token_id", None),):
+            if isinstance(source, int):
+                eos.add(source)
+            elif isinstance(source, (list, tuple)):
+                eos.update(int(x) for x in source)
+        self.info = ModelInfo(
+            name=self.name,
+            vocab_size=int(cfg.get_vocab_size()),
+            max_model_len=int(cfg.max_model_len),
+            eos_token_ids=frozenset(eos),
+            task=self.settings.task,
+        )
+        self._ready = True
+
+    async def shutdown(self) -> None:
+        self._ready = False
+        if self.llm is not None:
+            llm, self.llm = self.llm, None
+            await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready and self.llm is not None and not self.llm.errored
+
+    async def check_health(self) -> None:
+        if not self.ready:
+            raise EngineUnavailable(f"model {self.name!r} is not ready")
+        try:
+            await self.llm.check_health()
+        except Exception as exc:  # noqa: BLE001
+            raise EngineUnavailable(f"model {self.name!r} is unhealthy: {exc}") from exc
+
+    def _rid(self, request_id: str) -> str:
+        self._counter += 1
+        return f"{request_id}-{self.name}-{self._counter}"
+
+    async def generate(
+        self, request_id: str, prompt_ids: list[int], spec: SamplingSpec
+    ) -> AsyncIterator[GenerationUpdate]:
+        from vllm.inputs import TokensPrompt
+
+        if not self.ready:
+            raise EngineUnavailable(f"model {self.name!r} is not ready")
+        try:
+            params = _sampling_params(spec)
+            stream = self.llm.generate(TokensPrompt(prompt_token_ids=list(prompt_ids)), params, self._rid(request_id))
+            first = True
+            async for out in stream:
+                choices = []
+                for c in out.outputs:
+                    lps = None
+                    if spec.logprobs is not None and c.logprobs is not None:
+                        lps = _token_logprobs(c.token_ids, c.logprobs, spec.logprobs)
+                    choices.append(
+                        ChoiceDelta(c.index, list(c.token_ids), c.text, lps, c.finish_reason, c.stop_reason)
+                    )
+                prompt_lps = None
+                if first and spec.prompt_logprobs is not None and out.prompt_logprobs is not None:
+                    prompt_lps = [None] + _token_logprobs(  # type: ignore[operator]
+                        out.prompt_token_ids[1:], out.prompt_logprobs[1:], spec.prompt_logprobs
+                    )
+                yield GenerationUpdate(choices, list(out.prompt_token_ids or []), prompt_lps, out.finished)
+                first = False
+        except (asyncio.CancelledError, GeneratorExit):
+            raise
+        except Exception as exc:  # noqa: BLE001
+            translated = _translate(exc)
+            if translated is exc:
+                raise
+            raise translated from exc
+
+    def open_session(self, request_id: str) -> Session:
+        return _LocalSession(self, self._rid(request_id))
+
+    async def generate_block(self, request_id: str, op: GenerateOp) -> GeneratedBlock:
+        from vllm.inputs import TokensPrompt
+
+        s = op.sampling
+        params = _view_params(
+            op.want,
+            max_tokens=op.max_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            top_k=s.top_k,
+            min_p=s.min_p,
+            seed=s.seed,
+            stop_token_ids=list(op.stop_token_ids) or None,
+            output_kind=_final_kind(),
+        )
+        try:
+            out = None
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=list(op.context)), params, self._rid(request_id)
+            ):
+                pass
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from exc
+        assert out is not None
+        c = out.outputs[0]
+        views = _flat_views(c.logprobs, op.want, self.info.vocab_size)
+        return GeneratedBlock(
+            token_ids=list(c.token_ids),
+            views=[v for v in views if v is not None],
+            finished=c.finish_reason == "stop",
+        )
+
+    async def score(self, request_id: str, op: ScoreOp) -> list[StepView]:
+        from vllm.inputs import TokensPrompt
+
+        if op.start < 1 or op.start > len(op.context):
+            raise InvalidEngineRequest(f"score start {op.start} outside 1..{len(op.context)}")
+        want = op.want
+        k = -1 if want.full else max(1, want.top_k)
+        extra: dict[str, Any] = {"prompt_logprobs": k, "output_kind": _final_kind()}
+        if want.token_ids and not want.full:
+            extra["prompt_logprobs"] = None
+            extra["prompt_logprob_token_ids"] = [sorted(set(want.token_ids))] * (len(op.context) - 1)
+        params = _view_params(want, **extra)
+        try:
+            out = None
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=list(op.context)), params, self._rid(request_id)
+            ):
+                pass
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from exc
+        assert out is not None
+        prompt_views = _flat_views(out.prompt_logprobs, want, self.info.vocab_size)
+        last = _flat_views(out.outputs[0].logprobs, want, self.info.vocab_size)[-1]
+        views = [v for v in prompt_views[op.start:]] + [last]
+        if any(v is None for v in views):
+            raise InvalidEngineRequest("the engine returned no log-probabilities for part of the block")
+        return views  # type: ignore[return-value]
+
+    async def reward(self, request_id: str, texts: list[str]) -> list[float]:
+        from vllm.pooling_params import PoolingParams
+
+        async def one(i: int, text: str) -> float:
+            params = PoolingParams(task="classify", use_activation=False)
+            out = None
+            async for out in self.llm.encode(text, params, self._rid(f"{request_id}-{i}")):
+                pass
+            assert out is not None
+            data = out.outputs.data
+            return float(np.asarray(data.float() if hasattr(data, "float") else data).reshape(-1)[0])
+
+        try:
+            return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(texts))))
+        except Exception as exc:  # noqa: BLE001
+            raise _translate(exc) from exc
+
+
+def _final_kind() -> Any:
+    from vllm.sampling_params import RequestOutputKind
+
+    return RequestOutputKind.FINAL_ONLY

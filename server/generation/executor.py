@@ -1,0 +1,94 @@
+"""Runs a decoder's sans-IO generator against the engines.
+
+The order of one decoder step, as it runs here:
+
+1. resume the decoder generator with the results of its previous operations;
+2. it yields either an :class:`Emit` (passed on to the caller at once, so streaming follows decisions) or
+   a list of engine operations;
+3. the operations run concurrently (``asyncio.gather``): every :class:`ViewOp` goes to the open session of
+   its role (vLLM streaming input: the KV cache stays, only new tokens are sent), :class:`GenerateOp` and
+   :class:`ScoreOp` become native vLLM requests, :class:`RewardOp` a pooling request; operations of all
+   live requests meet in vLLM's scheduler, which batches them;
+4. back to 1, until the generator returns :class:`Finish`; sessions are closed however the run ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from alignd.decoders.contract import (
+    DecoderRun,
+    Emit,
+    EngineOp,
+    Finish,
+    GenerateOp,
+    RewardOp,
+    ScoreOp,
+    ViewOp,
+)
+from alignd.server.engines.base import Engine, Session
+
+__all__ = ["DecoderExecutor"]
+
+
+class DecoderExecutor:
+    """Executes one decoder run: role name -> engine, with one open session per role."""
+
+    def __init__(
+        self,
+        engines: Mapping[str, Engine],
+        request_id: str,
+        format_reward_pair: Callable[[str, str, str], str] | None = None,
+        on_op: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.engines = engines
+        self.request_id = request_id
+        self._sessions: dict[str, Session] = {}
+        self._format_reward_pair = format_reward_pair or (lambda _role, p, r: p + r)
+        self._on_op = on_op
+
+    async def _run_op(self, op: EngineOp) -> Any:
+        engine = self.engines[op.role]
+        if self._on_op is not None:
+            self._on_op(op.role, type(op).__name__)
+        if isinstance(op, ViewOp):
+            session = self._sessions.get(op.role)
+            if session is None:
+                session = self._sessions[op.role] = engine.open_session(f"{self.request_id}-{op.role}")
+            return await session.view(op.context, op.want)
+        if isinstance(op, GenerateOp):
+            return await engine.generate_block(self.request_id, op)
+        if isinstance(op, ScoreOp):
+            return await engine.score(self.request_id, op)
+        if isinstance(op, RewardOp):
+            texts = [self._format_reward_pair(op.role, p, r) for p, r in op.pairs]
+            return await engine.reward(self.request_id, texts)
+        raise TypeError(f"unknown engine operation {op!r}")
+
+    async def run(self, run: DecoderRun) -> AsyncIterator[Emit | Finish]:
+        """Drive ``run`` to the end, yielding its emits and finally its :class:`Finish`."""
+        send: Any = None
+        try:
+            while True:
+                try:
+                    item = run.send(send)
+                except StopIteration as stop:
+                    finish = stop.value if isinstance(stop.value, Finish) else Finish("stop")
+                    yield finish
+                    return
+                if isinstance(item, Emit):
+                    send = None
+                    yield item
+                    continue
+                ops = list(item)
+                if len(ops) == 1:
+                    send = [await self._run_op(ops[0])]
+                else:
+                    send = list(await asyncio.gather(*(self._run_op(op) for op in ops)))
+        finally:
+            run.close()
+            sessions, self._sessions = self._sessions, {}
+            for session in sessions.values():
+                await session.close()

@@ -1,0 +1,101 @@
+"""The hosted models of a running server: an engine and a tokenizer per configured model."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+
+from alignd.server.api.errors import NotFound, ServiceUnavailable
+from alignd.server.engines.base import Engine
+from alignd.server.settings import ModelSettings, Settings
+from alignd.server.tokenization import ModelTokenizer
+
+__all__ = ["HostedModel", "ModelPool", "build_engine"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class HostedModel:
+    """One configured model: its settings, engine and tokenizer."""
+
+    name: str
+    settings: ModelSettings
+    engine: Engine
+    tokenizer: ModelTokenizer
+
+    @property
+    def is_base(self) -> bool:
+        """A base model has no chat template of its own; chat requests use its plain prompt format."""
+        return not self.tokenizer.has_chat_template
+
+    @property
+    def vocab_signature(self) -> tuple[int, int]:
+        """What must match for two models to share a vocabulary: size and a hash of the token map."""
+        vocab = self.tokenizer.hf.get_vocab()
+        return len(vocab), hash(frozenset(vocab.items()))
+
+
+def build_engine(name: str, settings: ModelSettings, kv_cache_gib: float | None = None) -> Engine:
+    """The engine for a configured model: in-process vLLM, or a remote `vllm serve`."""
+    if settings.engine == "remote":
+        from alignd.server.engines.vllm_remote import RemoteVLLMEngine
+
+        return RemoteVLLMEngine(name, settings)
+    from alignd.server.engines.vllm_local import LocalVLLMEngine
+
+    return LocalVLLMEngine(name, settings, kv_cache_gib)
+
+
+class ModelPool:
+    """All hosted models; started together at server start-up and shut down together."""
+
+    def __init__(self, settings: Settings, engines: dict[str, Engine] | None = None) -> None:
+        self.settings = settings
+        self._engines = engines
+        self.models: dict[str, HostedModel] = {}
+        self.loading = True
+        self.error: BaseException | None = None
+
+    async def start(self) -> None:
+        """Load tokenizers and start every engine; a failure leaves the pool unhealthy, not crashed."""
+        try:
+            for name, ms in self.settings.models.items():
+                engine = (self._engines or {}).get(name) or build_engine(name, ms, self.settings.kv_cache_gib)
+                tokenizer = await asyncio.to_thread(ModelTokenizer, ms.path, ms.chat_template, ms.prompt_format)
+                self.models[name] = HostedModel(name, ms, engine, tokenizer)
+            # Engines start one after another: on a small CPU machine parallel start-up only thrashes.
+            for model in self.models.values():
+                log.info("starting model %s", model.name)
+                await model.engine.start()
+        except Exception as exc:
+            self.error = exc
+            log.exception("model start-up failed")
+            raise
+        finally:
+            self.loading = False
+
+    async def shutdown(self) -> None:
+        """Stop every engine."""
+        for model in self.models.values():
+            try:
+                await model.engine.shutdown()
+            except Exception:  # noqa: BLE001
+                log.exception("shutting down %s", model.name)
+
+    def get(self, name: str, param: str = "model") -> HostedModel:
+        """The hosted model called ``name``: 404 if unknown, 503 if not ready."""
+        model = self.models.get(name)
+        if model is None:
+            if name in self.settings.models:
+                raise ServiceUnavailable(f"model {name!r} is still loading")
+            raise NotFound(f"The model `{name}` does not exist.", param)
+        if not model.engine.ready:
+            raise ServiceUnavailable(f"model {name!r} is not ready")
+        return model
+
+    @property
+    def ready(self) -> bool:
+        """Whether every engine is up."""
+        return not self.loading and self.error is None and all(m.engine.ready for m in self.models.values())
