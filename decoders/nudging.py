@@ -1,0 +1,611 @@
+"""Nudging (Fei et al., "Nudging: Inference-time Alignment via Model Collaboration"): a small aligned model
+(the *aligner*) writes the few words where a base model is unsure; the base writes everything else.
+
+The method is text-level: base and aligner may have unrelated tokenizers, each role keeps its own prompt
+(the server builds them: the aligner's chat template, the base's plain format) and its own token ids of
+the shared output text. Where both tokenizers are the same, the two roles share token ids and nothing
+is re-tokenized.
+
+One round
+---------
+1. **The aligner proposes a block** of ``block_tokens`` tokens (16 in the reference) with one
+   :class:`GenerateOp`. Tokens of the previous block that were not used and still continue the output
+   exactly (*pending* tokens, see below) are reused: only the missing tokens are generated.
+2. **The base finds where to take over** with one :class:`ScoreOp` over the whole block, re-tokenized in
+   the base's vocabulary: at each word start of the block after its first word, the base's top-1 token
+   and its raw (unwarped) probability. The base takes over at the first word start where its top-1 token
+   agrees with the aligner's next token (same id, or a non-empty prefix of the aligner's text there) or
+   where its top-1 probability is at least ``gamma``. The aligner's words before that point are output.
+   If no word start qualifies, the aligner's block is output up to its last word start where one of the
+   aligner's tokens starts (else its last word start: the last word may be cut by the block size) and the
+   rest stays pending for the next round; a block without any word start is output whole. If the aligner ended inside the block, the whole block is output and decoding
+   stops (as in the reference: the aligner decides how an answer ends).
+3. **The base writes** natively with :class:`GenerateOp` in chunks of ``base_chunk_tokens``, each token
+   with its top-1 view. The first token after a take-over is always kept; after that the chunk is cut at
+   the first word start whose first token had top-1 probability below ``gamma`` (an end-of-sequence token
+   counts as a word start), and the next round starts there. A chunk without such a word start is kept
+   whole and the base writes on.
+
+Decoding stops on the aligner's end (step 2), on the base's end (an end-of-sequence token kept in step 3),
+on repetition (a base chunk of at least ``repetition_min_words`` words that already appears in the
+output, or the aligner's words of a round repeating those of the previous ``max_repeated_nudges``
+rounds), on a stop string, or at ``max_tokens`` tokens counted in the base's tokenizer (the output role).
+
+Word starts
+-----------
+Words are whitespace-delimited, as in the reference. A *word start* is a position in the text where a
+whitespace run begins after a non-space character, or where a non-space character follows whitespace.
+Tokenizers that attach the space to the next token (``"Ġworld"``, ``"▁world"``) have a token boundary
+at the first kind, those that attach it to the previous token at the second, so every tokenizer sees one
+decision point per word. Only word starts that are also token boundaries of the role being asked are
+decision points (the base can only be asked what comes after a whole token). A token starts a word when
+a word start falls exactly at its first character.
+
+Cost, against the reference (fywalter/nudging)
+----------------------------------------------
+The reference asks the base for a 16-token completion at every probed word and keeps one token of it,
+and throws away the aligner's unused tokens each round. Here the probe of a whole block is one
+``ScoreOp``; the base's chunks are kept up to the first unsure word start; unused aligner tokens are kept
+while the output still follows them (pending tokens: after the base writes, they stay valid only if the
+base wrote exactly the aligner's next words, ending at one of the aligner's token boundaries; otherwise
+they are dropped and regenerated from the new output).
+
+Differences from the reference, on purpose
+------------------------------------------
+* The base's chunk is cut at word starts only; the reference cuts at any token below ``gamma``, even
+  inside a word, which hands a half word to an aligner with another tokenizer.
+* The base's end-of-sequence ends decoding when the base is confident about it (top-1 probability at
+  least ``gamma``); the reference hands the turn back to the aligner.
+* Repetition ends decoding; the reference strips repeated suffixes from the final text afterwards, which
+  a streaming server cannot do.
+* ``gamma`` defaults to 0.4 (the reference's README; its command line defaults to 0.3).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Generator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from alignd.decoders.contract import (
+    Decoder,
+    DecoderContext,
+    DecoderError,
+    DecoderParams,
+    DecoderRun,
+    Emit,
+    EngineOp,
+    Finish,
+    GeneratedBlock,
+    GenerateOp,
+    RoleContext,
+    RoleSpec,
+    SamplingOptions,
+    ScoreOp,
+    StepView,
+    Tokenizer,
+    ViewSpec,
+)
+from pydantic import Field
+
+__all__ = ["Nudging", "NudgingParams", "is_word_start"]
+
+_ANCHOR_TOKENS = 4  # tokens of context re-decoded with new tokens so leading spaces come out right
+
+
+class NudgingParams(DecoderParams):
+    """Parameters of nudging."""
+
+    gamma: float = Field(
+        0.4,
+        gt=0.0,
+        le=1.0,
+        description="the base writes while its top-1 probability at word starts is >= gamma",
+    )
+    block_tokens: int = Field(16, ge=2, le=256, description="tokens the aligner proposes per round")
+    base_chunk_tokens: int = Field(16, ge=1, le=512, description="tokens the base writes per engine call")
+    shared_tokenizer: bool | None = Field(
+        None,
+        description="whether base and aligner share a tokenizer (work on token ids); null: detect",
+    )
+    stop_on_repetition: bool = Field(True, description="stop when the output starts repeating itself")
+    repetition_min_words: int = Field(
+        6, ge=2, description="a base chunk of at least this many words already in the output is a repetition"
+    )
+    max_repeated_nudges: int = Field(
+        3, ge=1, description="stop when the aligner's words of a round equal those of this many rounds before"
+    )
+
+
+def _is_space(ch: str) -> bool:
+    return ch.isspace()
+
+
+def is_word_start(prev_char: str, next_char: str) -> bool:
+    """Whether a word start lies between ``prev_char`` and ``next_char`` (see the module docstring).
+
+    The start of the text (``prev_char == ""``) is not a word start: it is where the output already is.
+    """
+    if not prev_char or not next_char:
+        return False
+    return _is_space(prev_char) != _is_space(next_char)
+
+
+@dataclass
+class _Segment:
+    """Tokens that continue a role's context ``ids[:keep]``, and the text they add.
+
+    ``text`` is what the tokens decode to after ``ids[:keep]``; its first ``lead`` characters re-spell the
+    tail of the old context that re-tokenizing merged away (usually 0). ``offsets[k]`` is where token
+    ``k`` starts in ``text`` (``offsets[len(ids)] == len(text)``), ``None`` where that is not a clean
+    character boundary.
+    """
+
+    keep: int
+    ids: list[int]
+    text: str
+    lead: int
+    offsets: list[int | None]
+
+    def index_at(self, rel: int) -> int | None:
+        """The token index starting at ``rel`` characters into the new text, if one does."""
+        target = rel + self.lead
+        for k, off in enumerate(self.offsets):
+            if off == target:
+                return k
+        return None
+
+
+@dataclass
+class _Track:
+    """One role's tokenizer and its context: prompt ids followed by its ids of the output so far."""
+
+    tok: Tokenizer
+    ids: list[int]
+    eos: frozenset[int]
+    _special: dict[int, bool] = field(default_factory=dict)
+
+    def _is_special(self, t: int) -> bool:
+        s = self._special.get(t)
+        if s is None:
+            s = self._special[t] = self.tok.decode([t]) == ""
+        return s
+
+    def anchor(self, context: Sequence[int]) -> list[int]:
+        """The last few text-bearing tokens of ``context`` (stopping at special tokens, which decode to
+        nothing and must never be re-tokenized away)."""
+        out: list[int] = []
+        i = len(context) - 1
+        while i >= 0 and len(out) < _ANCHOR_TOKENS and not self._is_special(context[i]):
+            out.append(context[i])
+            i -= 1
+        out.reverse()
+        return out
+
+    def decode_after(self, context: Sequence[int], new_ids: Sequence[int]) -> tuple[str, list[int | None]]:
+        """The text ``new_ids`` add after ``context`` and each token's start offset in it."""
+        anchor = self.anchor(context)
+        head = self.tok.decode(anchor)
+        full = self.tok.decode([*anchor, *new_ids])
+        if not full.startswith(head):
+            anchor, head, full = [], "", self.tok.decode(list(new_ids))
+        text = full[len(head) :]
+        offsets: list[int | None] = [0]
+        for k in range(1, len(new_ids)):
+            t = self.tok.decode([*anchor, *new_ids[:k]])
+            ok = full.startswith(t) and len(t) >= len(head) and not t.endswith("\ufffd")
+            offsets.append(len(t) - len(head) if ok else None)
+        if new_ids:
+            offsets.append(len(text))
+        return text, offsets
+
+    def segment(self, new_ids: Sequence[int]) -> _Segment:
+        """Native tokens appended to the whole context."""
+        text, offsets = self.decode_after(self.ids, new_ids)
+        return _Segment(len(self.ids), list(new_ids), text, 0, offsets)
+
+    def encode(self, text: str) -> _Segment:
+        """Another role's text in this role's tokens, appended to the context (re-tokenizing its last
+        tokens if they merge with the text)."""
+        if not text:
+            return _Segment(len(self.ids), [], "", 0, [0])
+        anchor = self.anchor(self.ids)
+        full = self.tok.encode(self.tok.decode(anchor) + text)
+        a = 0
+        while a < len(anchor) and a < len(full) and full[a] == anchor[a]:
+            a += 1
+        keep = len(self.ids) - len(anchor) + a
+        new_ids = full[a:]
+        seg_text, offsets = self.decode_after(self.ids[:keep], new_ids)
+        lead = max(0, len(seg_text) - len(text)) if a < len(anchor) else 0
+        return _Segment(keep, new_ids, seg_text, lead, offsets)
+
+    def apply(self, seg: _Segment, upto: int | None = None) -> None:
+        """Make ``ids[:seg.keep] + seg.ids[:upto]`` the context."""
+        del self.ids[seg.keep :]
+        self.ids.extend(seg.ids if upto is None else seg.ids[:upto])
+
+
+@dataclass
+class _Piece:
+    """Output decided by one role, in the base's tokens (``offsets`` as in :class:`_Segment`)."""
+
+    role: str
+    reason: str
+    text: str
+    ids: list[int]
+    offsets: list[int | None]
+
+    def cut_chars(self, c: int) -> _Piece:
+        """The first ``c`` characters, with the tokens that write them."""
+        n = 0
+        for k in range(len(self.ids)):
+            off = self.offsets[k]
+            if off is not None and off < c:
+                n = k + 1
+        return _Piece(self.role, self.reason, self.text[:c], self.ids[:n], self.offsets[: n + 1])
+
+    def cut_tokens(self, n: int) -> _Piece:
+        """The first ``n`` tokens and the text they write."""
+        c = next((o for o in reversed(self.offsets[: n + 1]) if o is not None), 0)
+        return _Piece(self.role, self.reason, self.text[:c], self.ids[:n], self.offsets[: n + 1])
+
+
+class _Writer:
+    """Collects decided pieces; releases them as :class:`Emit` events once no stop string can start in
+    them, cuts the output at a stop string or at ``max_tokens`` base tokens."""
+
+    def __init__(self, stop_strings: Sequence[str], max_tokens: int) -> None:
+        self.stops = tuple(s for s in stop_strings if s)
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.max_tokens = max_tokens
+        self.text = ""
+        self.num_tokens = 0
+        self.finish: Finish | None = None
+        self._queue: list[tuple[_Piece, int]] = []  # pieces not yet released, with their start offsets
+
+    @property
+    def room(self) -> int:
+        """Base tokens left before ``max_tokens``."""
+        return self.max_tokens - self.num_tokens
+
+    def add(self, piece: _Piece) -> list[Emit]:
+        """Add a decided piece; afterwards :attr:`finish` is set if the output is over."""
+        if self.finish is not None:
+            return []
+        limit = len(piece.ids) >= self.room
+        if len(piece.ids) > self.room:
+            piece = piece.cut_tokens(self.room)
+        start = len(self.text)
+        self.text += piece.text
+        self.num_tokens += len(piece.ids)
+        self._queue.append((piece, start))
+        hit = self._find_stop(start)
+        if hit is not None:
+            self.finish = Finish("stop")
+            return self._release(hit, final=True)
+        if limit:
+            self.finish = Finish("length")
+            return self._release(len(self.text), final=True)
+        return self._release(len(self.text) - self.hold, final=False)
+
+    def close(self, reason: str) -> list[Emit]:
+        """End the output (``stop`` or ``length``) and release everything held back."""
+        if self.finish is None:
+            self.finish = Finish("stop" if reason == "stop" else "length")
+        return self._release(len(self.text), final=True)
+
+    def _find_stop(self, start: int) -> int | None:
+        best: int | None = None
+        for s in self.stops:
+            i = self.text.find(s, max(0, start - len(s) + 1))
+            if i >= 0 and (best is None or i < best):
+                best = i
+        return best
+
+    def _release(self, upto: int, final: bool) -> list[Emit]:
+        out: list[Emit] = []
+        while self._queue:
+            piece, start = self._queue[0]
+            end = start + len(piece.text)
+            if end > upto:
+                if not final:
+                    break
+                piece = piece.cut_chars(max(0, upto - start))
+            self._queue.pop(0)
+            if piece.text or piece.ids:
+                out.append(
+                    Emit(role=piece.role, reason=piece.reason, token_ids=tuple(piece.ids), text=piece.text)
+                )
+        if final:
+            self._queue.clear()
+        return out
+
+
+class Nudging(Decoder):
+    """Nudging: the aligner writes where the base is unsure (top-1 probability below ``gamma``)."""
+
+    name: ClassVar[str] = "nudging"
+    description: ClassVar[str] = (
+        "A small aligned model writes the words where the base model is unsure (top-1 probability below "
+        "gamma); the base writes the rest. Works across different tokenizers."
+    )
+    roles: ClassVar[tuple[RoleSpec, ...]] = (
+        RoleSpec("base", "the base model that writes most of the answer (plain prompt format)"),
+        RoleSpec("aligner", "the small aligned model that nudges (its chat template)"),
+    )
+    params_model: ClassVar[type[DecoderParams]] = NudgingParams
+    shared_vocab: ClassVar[bool] = False
+
+    @property
+    def p(self) -> NudgingParams:
+        """The validated parameters."""
+        assert isinstance(self.params, NudgingParams)
+        return self.params
+
+    def shares_tokenizer(self, base: RoleContext, aligner: RoleContext) -> bool:
+        """Whether the two roles' tokenizers are the same (then the decoder works on token ids)."""
+        forced = self.p.shared_tokenizer
+        if forced is not None:
+            if forced and base.vocab_size != aligner.vocab_size:
+                raise DecoderError(
+                    "shared_tokenizer is true but base and aligner vocabularies differ in size",
+                    param="alignment.params.shared_tokenizer",
+                )
+            return forced
+        if base.tokenizer is aligner.tokenizer or base.model == aligner.model:
+            return True
+        if base.vocab_size != aligner.vocab_size:
+            return False
+        va, vb = getattr(base.tokenizer, "get_vocab", None), getattr(aligner.tokenizer, "get_vocab", None)
+        return bool(callable(va) and callable(vb) and va() == vb())
+
+    def run(self, ctx: DecoderContext) -> DecoderRun:
+        """Decode one choice (see the module docstring for the rounds)."""
+        return _Run(self.p, ctx, self.shares_tokenizer(ctx.roles["base"], ctx.roles["aligner"])).run()
+
+
+def _engine_sampling(ctx: DecoderContext) -> SamplingOptions:
+    """The request's sampling for one engine call (greedy when temperature is 0); a fresh seed per call
+    drawn from ``ctx.rng`` so seeded requests are reproducible without repeating one random stream."""
+    s = ctx.sampling
+    if s.temperature <= 0.0:
+        return SamplingOptions()
+    seed = int(ctx.rng.integers(0, 2**31 - 1)) if s.seed is not None else None
+    return SamplingOptions(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed)
+
+
+def _strip_eos(block: GeneratedBlock, eos: frozenset[int]) -> tuple[list[int], list[StepView], bool]:
+    """Tokens before the first end-of-sequence token, their views, and whether the role ended."""
+    ids = list(block.token_ids)
+    for k, t in enumerate(ids):
+        if t in eos:
+            return ids[:k], list(block.views[:k]), True
+    return ids, list(block.views[: len(ids)]), block.finished
+
+
+class _Run:
+    """The state of one nudging choice."""
+
+    def __init__(self, params: NudgingParams, ctx: DecoderContext, shared: bool) -> None:
+        self.p = params
+        self.ctx = ctx
+        self.shared = shared
+        b, a = ctx.roles["base"], ctx.roles["aligner"]
+        self.base = _Track(b.tokenizer, list(b.prompt_ids), b.eos_token_ids)
+        self.al = _Track(a.tokenizer, list(a.prompt_ids), a.eos_token_ids)
+        self.out = _Writer(ctx.stop_strings, ctx.max_tokens)
+        self.log_gamma = math.log(params.gamma)
+        self.gamma = f"{params.gamma:g}"
+        self.pending: list[int] = []  # aligner tokens after its context, proposed but not yet output
+        prompt_tail = b.prompt_text or self.base.tok.decode(self.base.anchor(b.prompt_ids))
+        self.prompt_last_char = prompt_tail[-1:]
+
+    def word_starts(self, text: str) -> list[bool]:
+        """For each character of ``text`` (about to follow the output), whether a word starts there."""
+        prev = self.out.text[-1:] if self.out.text else self.prompt_last_char
+        flags = []
+        for ch in text:
+            flags.append(is_word_start(prev, ch))
+            prev = ch
+        return flags
+
+    def end(self, reason: str) -> DecoderRun:
+        """Release what is held back and finish (a finish already decided by the writer wins)."""
+        yield from self.out.close(reason)
+        assert self.out.finish is not None
+        return self.out.finish
+
+    def run(self) -> DecoderRun:
+        """The rounds: aligner block, base probe over it, base writing."""
+        reason = "nudged: the aligner opens the answer"
+        history: list[str] = []
+        while True:
+            # 1. the aligner's block (reusing its pending tokens)
+            need = self.p.block_tokens - len(self.pending)
+            ended = False
+            if need > 0:
+                context = (*self.al.ids, *self.pending)
+                op = GenerateOp(
+                    "aligner", context, need, want=ViewSpec(), sampling=_engine_sampling(self.ctx)
+                )
+                (gen,) = yield [op]
+                new, _, ended = _strip_eos(gen, self.al.eos)
+                self.pending = self.pending + new
+            block = self.al.segment(self.pending)
+            if not block.text.strip():
+                # nothing (the aligner ended) or a whole block of whitespace: the aligner has no more to say
+                return (yield from self.end("stop"))
+
+            # 2. the base, over the block in its own tokens, finds where to take over
+            if self.shared:
+                bseg = _Segment(len(self.base.ids), list(self.pending), block.text, 0, list(block.offsets))
+            else:
+                bseg = self.base.encode(block.text)
+            flags = self.word_starts(block.text)
+            candidates: list[tuple[int, int]] = []  # (offset in the block's text, base token index)
+            for k in range(1, len(bseg.ids)):
+                off = bseg.offsets[k]
+                if off is None or off <= bseg.lead:
+                    continue
+                rel = off - bseg.lead
+                if rel < len(block.text) and flags[rel] and block.text[:rel].strip():
+                    candidates.append((rel, k))
+            takeover: tuple[int, int, str] | None = None  # (offset, base index, the base's reason)
+            probes: list[tuple[int, int, str]] = []  # rejected word starts, with the aligner's reason
+            if candidates and not ended:
+                # views from the first word start to the last one (the context ends where it starts)
+                first = bseg.keep + candidates[0][1]
+                context = (*self.base.ids[: bseg.keep], *bseg.ids[: candidates[-1][1]])
+                (views,) = yield [ScoreOp("base", context, first, ViewSpec(top_k=1))]
+                for rel, k in candidates:
+                    top_id, top_lp = views[bseg.keep + k - first].top()
+                    prob = math.exp(top_lp)
+                    if self.agrees(bseg, k, top_id, block.text[rel:]):
+                        takeover = (rel, k, f"base: agrees with the aligner (top-1 p={prob:.2f})")
+                        break
+                    if top_lp >= self.log_gamma:
+                        takeover = (rel, k, f"base: top-1 p={prob:.2f} >= {self.gamma}")
+                        break
+                    probes.append((rel, k, f"nudged: base top-1 p={prob:.2f} < {self.gamma}"))
+
+            # the aligner's words: up to the take-over, else up to its last word start, else all of it
+            next_reason = reason
+            if takeover is not None:
+                end_rel, end_k = takeover[0], takeover[1]
+            elif ended or not candidates:
+                end_rel, end_k = len(block.text), len(bseg.ids)
+                next_reason = "nudged: the aligner's word goes on"
+            else:
+                # the next round picks up at the last word start, preferably one where an aligner token
+                # starts (its pending tokens stay valid and its context does not end in a lone space)
+                at = max(
+                    (i for i, (rel, _, _) in enumerate(probes) if block.index_at(rel) is not None),
+                    default=len(probes) - 1,
+                )
+                end_rel, end_k, next_reason = probes[at]
+                del probes[at:]
+            nudge_text = block.text[:end_rel]
+            history.append(nudge_text)
+            recent = history[-(self.p.max_repeated_nudges + 1) :]
+            if (
+                self.p.stop_on_repetition
+                and len(recent) > self.p.max_repeated_nudges
+                and len(set(recent)) == 1
+            ):
+                return (yield from self.end("stop"))
+            bounds = [(0, 0, reason), *probes, (end_rel, end_k, "")]
+            for (r0, k0, why), (r1, k1, _) in itertools.pairwise(bounds):
+                offs = [None if o is None else max(0, o - bseg.lead - r0) for o in bseg.offsets[k0 : k1 + 1]]
+                yield from self.out.add(_Piece("aligner", why, block.text[r0:r1], bseg.ids[k0:k1], offs))
+                if self.out.finish is not None:
+                    return (yield from self.end("stop"))
+            # both roles now hold the aligner's words
+            self.base.apply(bseg, end_k)
+            ak = block.index_at(end_rel)
+            if ak is not None:
+                self.al.ids.extend(self.pending[:ak])
+                self.pending = self.pending[ak:]
+            else:
+                self.pending = []
+                self.al.apply(self.al.encode(nudge_text))
+            if ended:
+                return (yield from self.end("stop"))
+            if takeover is None:
+                reason = next_reason
+                continue
+
+            # 3. the base writes until it is unsure at a word start
+            result = yield from self.base_writes(takeover[2])
+            if isinstance(result, Finish):
+                return result
+            reason = result
+
+    def agrees(self, bseg: _Segment, k: int, top_id: int, rest: str) -> bool:
+        """Whether the base's top-1 token is the aligner's next token or spells a prefix of its text."""
+        if top_id == bseg.ids[k]:
+            return True
+        if top_id in self.base.eos:
+            return False
+        text, _ = self.base.decode_after([*self.base.ids[: bseg.keep], *bseg.ids[:k]], [top_id])
+        return bool(text) and rest.startswith(text)
+
+    def base_writes(self, reason: str) -> Generator[list[EngineOp] | Emit, Any, Finish | str]:
+        """The base writes chunk by chunk; returns why the aligner takes over next, or a Finish."""
+        first = True
+        while True:
+            if self.out.room <= 0:
+                return (yield from self.end("length"))
+            want = min(self.p.base_chunk_tokens, self.out.room)
+            op = GenerateOp("base", tuple(self.base.ids), want, ViewSpec(top_k=1), _engine_sampling(self.ctx))
+            (gen,) = yield [op]
+            ids, views, base_ended = _strip_eos(gen, self.base.eos)
+            seg = self.base.segment(ids)
+            flags = self.word_starts(seg.text)
+            # decision points: word-start tokens, and the end-of-sequence token if there is one
+            checks = [
+                k
+                for k in range(len(ids))
+                if (o := seg.offsets[k]) is not None and o < len(seg.text) and flags[o]
+            ]
+            eos_view = gen.views[len(ids)] if base_ended and len(gen.views) > len(ids) else None
+            cut: int | None = None
+            cut_p = 1.0
+            for k in checks:
+                if first and k == 0:
+                    continue
+                lp = views[k].top()[1]
+                if lp < self.log_gamma:
+                    cut, cut_p = k, math.exp(lp)
+                    break
+            if cut is None and eos_view is not None and not (first and not ids):
+                lp = eos_view.top()[1]
+                if lp < self.log_gamma:
+                    cut, cut_p = len(ids), math.exp(lp)
+            n = len(ids) if cut is None else cut
+            kept_ids = ids[:n]
+            end_off = seg.offsets[n] if n < len(seg.offsets) else len(seg.text)
+            kept_text = seg.text[: len(seg.text) if end_off is None else end_off]
+            if (
+                self.p.stop_on_repetition
+                and len(kept_text.split()) >= self.p.repetition_min_words
+                and kept_text in self.out.text
+            ):
+                return (yield from self.end("stop"))
+            if kept_ids:
+                yield from self.out.add(
+                    _Piece("base", reason, kept_text, kept_ids, list(seg.offsets[: n + 1]))
+                )
+                if self.out.finish is not None:
+                    return (yield from self.end("stop"))
+                self.base.ids.extend(kept_ids)
+                self.follow_with_aligner(kept_text, kept_ids)
+            if cut is not None:
+                return f"nudged: base top-1 p={cut_p:.2f} < {self.gamma}"
+            if base_ended:
+                return (yield from self.end("stop"))
+            first = False
+            reason = f"base: top-1 p >= {self.gamma} at each word start"
+
+    def follow_with_aligner(self, text: str, base_ids: Sequence[int]) -> None:
+        """The output grew by ``text`` (the base's ``base_ids``): bring the aligner's context along, keeping
+        its pending tokens when they spell exactly that text up to one of their token boundaries."""
+        if self.shared:
+            n = len(base_ids)
+            if self.pending[:n] == list(base_ids):
+                self.pending = self.pending[n:]
+            else:
+                self.pending = []
+            self.al.ids.extend(base_ids)
+            return
+        if self.pending:
+            seg = self.al.segment(self.pending)
+            k = seg.index_at(len(text)) if seg.text.startswith(text) else None
+            if k is not None:
+                self.al.ids.extend(self.pending[:k])
+                self.pending = self.pending[k:]
+                return
+        self.pending = []
+        self.al.apply(self.al.encode(text))
