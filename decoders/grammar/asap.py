@@ -142,6 +142,10 @@ class TrieStore:
     def __len__(self) -> int:
         return len(self._tries)
 
+    def keys(self) -> list[Hashable]:
+        """The keys of the tries held, least recently used first."""
+        return list(self._tries)
+
     def get(self, key: Hashable) -> AsapTrie:
         """The trie for ``key``, created if absent; marks it most recently used."""
         with self._lock:

@@ -17,6 +17,10 @@ __all__ = ["XGrammarBackend", "XGrammarMatcher"]
 # Compile threads per backend; the machine is shared and grammars compile in milliseconds.
 COMPILER_THREADS = 2
 
+# Compact JSON, as the engine's own structured outputs are configured: small models given free whitespace
+# tend to write it until max_tokens runs out.
+_COMPACT_JSON = {"any_whitespace": False, "separators": (",", ":")}
+
 
 class XGrammarMatcher(Matcher):
     """An ``xgrammar.GrammarMatcher`` with a numpy bitmask."""
@@ -67,9 +71,9 @@ class XGrammarBackend(GrammarBackend):
     def _compile(self, spec: GrammarSpec) -> Any:
         c = self._compiler
         if spec.kind == "json_schema":
-            return c.compile_json_schema(json.dumps(spec.schema_object()))
+            return c.compile_json_schema(json.dumps(spec.schema_object()), **_COMPACT_JSON)
         if spec.kind == "json_object":
-            return c.compile_json_schema(json.dumps({"type": "object"}))
+            return c.compile_json_schema(json.dumps({"type": "object"}), **_COMPACT_JSON)
         if spec.kind == "regex":
             assert isinstance(spec.value, str)
             return c.compile_regex(spec.value)

@@ -16,7 +16,14 @@ from alignd.decoders.contract import (
     SamplingOptions,
     ViewOp,
 )
-from alignd.decoders.grammar import GrammarSpec, GrammarVocab, MaskConstraint, TrieStore, build_grammar
+from alignd.decoders.grammar import (
+    BACKENDS,
+    GrammarSpec,
+    GrammarVocab,
+    MaskConstraint,
+    TrieStore,
+    build_grammar,
+)
 from alignd.decoders.grammar.decoder import MAX_TOKEN_IDS_VIEW, GrammarAligned
 from alignd.decoders.registry import get_decoder_class
 
@@ -176,10 +183,11 @@ def allowed_by_regex(pattern: str, prefix: str, length: int = 3) -> set[int]:
     return live
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("prefix", ["", "a", "ab", "abc"])
-def test_mask_matches_brute_force_regex(prefix: str) -> None:
+def test_mask_matches_brute_force_regex(prefix: str, backend: str) -> None:
     pattern = "(ab|c)+"
-    g = build_grammar(GrammarSpec(kind="regex", value=pattern), VOCAB)
+    g = build_grammar(GrammarSpec(kind="regex", value=pattern), VOCAB, backend=backend)
     for t in TOKENIZER.encode(prefix):
         g.advance(t)
     mask = g.allowed_mask()
@@ -187,8 +195,9 @@ def test_mask_matches_brute_force_regex(prefix: str) -> None:
     assert set(np.flatnonzero(mask).tolist()) == allowed_by_regex(pattern, prefix)
 
 
-def test_constraint_advance_rollback_terminated() -> None:
-    g = build_grammar(GrammarSpec(kind="choice", value=["abc", "ab1"]), VOCAB)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_constraint_advance_rollback_terminated(backend: str) -> None:
+    g = build_grammar(GrammarSpec(kind="choice", value=["abc", "ab1"]), VOCAB, backend=backend)
     assert isinstance(g, MaskConstraint) and g.log_weights(g.allowed_mask(), np.zeros(V)) is None
     start = g.allowed_mask().copy()
     assert not start[EOS] and not g.is_terminated()
@@ -210,9 +219,10 @@ def test_constraint_advance_rollback_terminated() -> None:
         g.rollback(5)
 
 
-def test_bad_grammar_is_decoder_error() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_grammar_is_decoder_error(backend: str) -> None:
     with pytest.raises(DecoderError) as err:
-        build_grammar(GrammarSpec(kind="ebnf", value="root ::= undefined_rule"), VOCAB)
+        build_grammar(GrammarSpec(kind="ebnf", value="root ::= undefined_rule"), VOCAB, backend=backend)
     assert err.value.param == "grammar"
     with pytest.raises(ValueError):
         build_grammar(GrammarSpec(kind="regex", value="a+", mode="asap"), VOCAB)  # no store
@@ -228,7 +238,10 @@ def test_compiled_grammars_are_cached() -> None:
 
 SCHEMA = {
     "type": "object",
-    "properties": {"name": {"type": "string", "maxLength": 6}, "age": {"type": "integer"}},
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
     "required": ["name", "age"],
 }
 
@@ -254,8 +267,11 @@ GRAMMARS: list[tuple[dict, Callable[[str], bool]]] = [
 
 @pytest.mark.parametrize("params,valid", GRAMMARS, ids=["regex", "choice", "ebnf", "json_schema"])
 @pytest.mark.parametrize("mode", ["constrained", "asap"])
-def test_output_always_matches_grammar(params: dict, valid: Callable[[str], bool], mode: str) -> None:
-    decoder = GrammarAligned(GrammarAligned.parse_params({**params, "mode": mode}))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_always_matches_grammar(
+    params: dict, valid: Callable[[str], bool], mode: str, backend: str
+) -> None:
+    decoder = GrammarAligned(GrammarAligned.parse_params({**params, "mode": mode, "backend": backend}))
     for seed in range(6):
         temperature = 0.0 if seed == 0 else 1.0
         ctx = make_ctx(max_tokens=60, temperature=temperature, seed=seed)
