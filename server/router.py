@@ -134,7 +134,10 @@ class Router:
                     f"role {spec.name!r} needs a {spec.task} model; {binding.model!r} is a {hosted.settings.task} model",
                     f"alignment.roles.{spec.name}",
                 )
-            roles[spec.name] = BoundRole(spec.name, hosted, binding.system_prompt, binding.prompt_format)
+            default_format = getattr(cls, "default_prompt_formats", {}).get(spec.name)
+            roles[spec.name] = BoundRole(
+                spec.name, hosted, binding.system_prompt, binding.prompt_format or default_format
+            )
         if cls.shared_vocab:
             generating = [r for r in roles.values() if r.model.settings.task == "generate"]
             signatures = {r.model.vocab_signature for r in generating}

@@ -73,6 +73,34 @@ class _ChoiceState:
     stop_reason: int | str | None = None
 
 
+def _api_error(exc: BaseException) -> APIError:
+    """The API error a generation failure becomes (anything unexpected is a 500, logged)."""
+    from alignd.decoders.contract import DecoderError
+
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, EngineUnavailable):
+        return ServiceUnavailable(str(exc))
+    if isinstance(exc, InvalidEngineRequest):
+        return BadRequest(str(exc), exc.param)
+    if isinstance(exc, DecoderError):
+        return BadRequest(str(exc), exc.param)
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+        raise exc
+    import logging
+
+    logging.getLogger("alignd.server").error("generation failed", exc_info=exc)
+    err = APIError(f"internal error: {type(exc).__name__}: {exc}")
+    return err
+
+
+async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for item in rest:
+        yield item
+
+
 class Serving:
     """The shared serving logic behind ``/v1/completions`` and ``/v1/chat/completions``."""
 
@@ -308,9 +336,17 @@ class Serving:
         spec = self._spec(req, prepared)
         request_id = ("chatcmpl-" if endpoint == "chat" else "cmpl-") + uuid.uuid4().hex
         if req.stream:
-            # Fail before the 200 goes out if the engines are down.
+            # Fail before the 200 goes out if the engines are down or the first step is refused.
             self._check_ready(prepared)
-            return self._stream(req, endpoint, prepared, spec, request_id)
+            events = self._events(request_id, prepared, spec)
+            try:
+                first = await events.__anext__()
+            except StopAsyncIteration:
+                first = None
+            except BaseException as exc:
+                await events.aclose()
+                raise _api_error(exc) from None
+            return self._stream(req, endpoint, prepared, spec, request_id, events, first)
         return await self._whole(req, endpoint, prepared, spec, request_id)
 
     def _check_ready(self, prepared: _Prepared) -> None:
@@ -334,10 +370,8 @@ class Serving:
                 st.spans += ev.spans
                 if ev.finish_reason:
                     st.finish_reason, st.stop_reason = ev.finish_reason, ev.stop_reason
-        except EngineUnavailable as exc:
-            raise ServiceUnavailable(str(exc)) from None
-        except InvalidEngineRequest as exc:
-            raise BadRequest(str(exc), exc.param) from None
+        except Exception as exc:
+            raise _api_error(exc) from None
         model = self._output_model(prepared)
         trace = isinstance(prepared.target, RecipeTarget) and prepared.target.trace
         choices = []
@@ -384,7 +418,14 @@ class Serving:
         }
 
     async def _stream(
-        self, req: Any, endpoint: Endpoint, prepared: _Prepared, spec: SamplingSpec, request_id: str
+        self,
+        req: Any,
+        endpoint: Endpoint,
+        prepared: _Prepared,
+        spec: SamplingSpec,
+        request_id: str,
+        events: AsyncIterator[tuple[int, ChoiceEvent, Any]],
+        first: tuple[int, ChoiceEvent, Any] | None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
         obj = "chat.completion.chunk" if endpoint == "chat" else "text_completion"
@@ -411,7 +452,7 @@ class Serving:
                     text = prepared.prompt_texts[i // spec.n]
                     offsets[i] = len(text)
                     yield chunk([{"index": i, "text": text, "logprobs": None, "finish_reason": None}])
-            async for _, ev, _unused in self._events(request_id, prepared, spec):
+            async for _, ev, _unused in _chain(first, events):
                 completion_tokens += len(ev.token_ids)
                 choice: dict[str, Any] = {"index": ev.index}
                 if endpoint == "chat":
@@ -457,9 +498,11 @@ class Serving:
                     "total_tokens": prompt_tokens + completion_tokens,
                 }
                 yield chunk([], usage)
-        except (EngineUnavailable, InvalidEngineRequest, APIError) as exc:
+        except Exception as exc:  # noqa: BLE001
             # Headers are gone: report the error in the stream, as vLLM and OpenAI do.
-            status, type_ = (503, "server_error") if isinstance(exc, (EngineUnavailable, ServiceUnavailable)) else (400, "invalid_request_error")
-            body = {"error": {"message": str(exc), "type": type_, "param": getattr(exc, "param", None), "code": status}}
+            err = _api_error(exc)
+            body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
             yield f"data: {json.dumps(body)}\n\n"
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
         yield "data: [DONE]\n\n"

@@ -51,10 +51,39 @@ def free_port() -> int:
 
 def tiny_config(paths: dict[str, Path]) -> dict[str, object]:
     """The test server's configuration: the tiny models in float32 and one recipe per decoder."""
-    common = {"dtype": "float32", "max_model_len": 512}
+    common = {"dtype": "float32", "max_model_len": 4096}
     models = {name: {"path": str(path), **common} for name, path in paths.items()}
     models["tiny-reward"]["task"] = "reward"
-    recipes: dict[str, object] = {}
+    recipes: dict[str, object] = {
+        "tiny-contrastive": {"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"}},
+        "tiny-contrastive-spec": {
+            "decoder": "contrastive",
+            "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"},
+            "params": {"speculative": {"draft_role": "expert", "block_size": 4}},
+        },
+        "tiny-logit-arithmetic": {
+            "decoder": "logit_arithmetic",
+            "roles": {"base": "tiny-base", "aligned": "tiny-chat", "reference": "tiny-amateur"},
+            "params": {"lambda": 1.5},
+        },
+        "tiny-args-implicit": {
+            "decoder": "args",
+            "roles": {"base": "tiny-base", "aligned": "tiny-chat", "reference": "tiny-amateur"},
+            "params": {"k": 5, "w": 1.0, "rewards": [{"kind": "implicit"}]},
+        },
+        "tiny-args-rm": {
+            "decoder": "args",
+            "roles": {"base": "tiny-base", "reward": "tiny-reward"},
+            "params": {"k": 4, "w": 1.0, "rewards": [{"kind": "model"}]},
+        },
+        "tiny-nudging": {"decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"}},
+        "tiny-grammar": {
+            "decoder": "grammar",
+            "roles": {"base": "tiny-base"},
+            "params": {"mode": "asap", "regex": "(yes|no|maybe)"},
+        },
+        "tiny-urial": {"decoder": "urial", "roles": {"base": "tiny-base"}},
+    }
     return {"models": models, "recipes": recipes}
 
 

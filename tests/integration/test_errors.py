@@ -32,13 +32,13 @@ def test_unknown_model_is_404(openai_client: openai.OpenAI) -> None:
 
 def test_prompt_longer_than_context(alignd_server: RunningServer) -> None:
     r = httpx.post(alignd_server.api_url + "/completions",
-                   json={"model": "tiny-base", "prompt": "hello " * 700, "max_tokens": 1})
+                   json={"model": "tiny-base", "prompt": "hello " * 5000, "max_tokens": 1})
     _assert_error_body(r, 400, code="context_length_exceeded")
 
 
 def test_prompt_plus_max_tokens_beyond_context_is_not_clamped(alignd_server: RunningServer) -> None:
     r = httpx.post(alignd_server.api_url + "/completions",
-                   json={"model": "tiny-base", "prompt": "hello", "max_tokens": 600})
+                   json={"model": "tiny-base", "prompt": "hello", "max_tokens": 5000})
     _assert_error_body(r, 400, param="max_tokens", code="context_length_exceeded")
 
 

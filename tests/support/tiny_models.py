@@ -16,7 +16,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / ".cache" / "tiny-models"
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 VOCAB_SIZE = 512
 
 CHATML_TEMPLATE = (
@@ -87,7 +87,7 @@ def _build_model(kind: str, seed: int, layers: int, tok_dir: Path, out: Path) ->
         num_attention_heads=2,
         num_key_value_heads=2,
         head_dim=64,
-        max_position_embeddings=1024,
+        max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,

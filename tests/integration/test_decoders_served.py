@@ -1,0 +1,214 @@
+"""Every decoder served through the real server matches its transformers reference (greedy, float32).
+
+The references in ``tests/reference`` recompute every model over the whole context with full-vocabulary
+logits, one token at a time; the server runs the same decoders through vLLM sessions, blocks and pooling
+requests. The output token ids are read from the ``alignment_trace`` spans.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.integration.conftest import RunningServer
+
+pytestmark = pytest.mark.engine
+
+PROMPTS = ["The capital of France is", "Once upon a time there was"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_paths: dict[str, Path]) -> dict[str, Any]:
+    """The tiny models in transformers, float32."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    torch.manual_seed(0)
+    out: dict[str, Any] = {"tokenizer": AutoTokenizer.from_pretrained(tiny_paths["tiny-base"])}
+    for name in ("tiny-base", "tiny-chat", "tiny-amateur"):
+        out[name] = AutoModelForCausalLM.from_pretrained(tiny_paths[name], torch_dtype=torch.float32).eval()
+    out["tiny-reward"] = AutoModelForSequenceClassification.from_pretrained(
+        tiny_paths["tiny-reward"], torch_dtype=torch.float32
+    ).eval()
+    return out
+
+
+def _served(client: openai.OpenAI, model: str, prompt: str, **extra: Any) -> tuple[list[int], Any]:
+    body = {"alignment": {"trace": True, **extra.pop("alignment", {})}}
+    out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
+                                    extra_body=body, **extra)
+    trace = out.choices[0].model_extra["alignment_trace"]
+    ids = [t for span in trace["spans"] for t in span["token_ids"]]
+    return ids, out
+
+
+def _prompt_ids(server: RunningServer, prompt: str) -> list[int]:
+    r = httpx.post(server.base_url + "/tokenize", json={"model": "tiny-base", "prompt": prompt})
+    return list(r.json()["tokens"])
+
+
+def _eos(hf: dict[str, Any]) -> list[int]:
+    return [hf["tokenizer"].eos_token_id]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("recipe", ["tiny-contrastive", "tiny-contrastive-spec"])
+def test_contrastive_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
+                                       hf: dict[str, Any], recipe: str, prompt: str) -> None:
+    from tests.reference import contrastive_ref
+    from tests.support.hf_runner import logits_fn
+
+    ids = _prompt_ids(alignd_server, prompt)
+    expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids,
+                                      MAX_TOKENS, _eos(hf))
+    served, out = _served(openai_client, recipe, prompt)
+    assert served == expected
+    assert out.choices[0].text == hf["tokenizer"].decode(expected, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_logit_arithmetic_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
+                                            hf: dict[str, Any], prompt: str) -> None:
+    from tests.reference import logit_arithmetic_ref
+    from tests.support.hf_runner import logits_fn
+
+    ids = _prompt_ids(alignd_server, prompt)
+    prompts = {"base": ids, "aligned": ids, "reference": ids}
+    expected = logit_arithmetic_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-chat"]),
+                                           logits_fn(hf["tiny-amateur"]), prompts, MAX_TOKENS, _eos(hf), 1.5)
+    served, _ = _served(openai_client, "tiny-logit-arithmetic", prompt)
+    assert served == expected
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_args_implicit_reward_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
+                                                hf: dict[str, Any], prompt: str) -> None:
+    from tests.reference import args_ref
+    from tests.support.hf_runner import logits_fn
+
+    ids = _prompt_ids(alignd_server, prompt)
+    reward = args_ref.implicit_reward(logits_fn(hf["tiny-chat"]), logits_fn(hf["tiny-amateur"]), ids, ids)
+    expected = args_ref.greedy(logits_fn(hf["tiny-base"]), ids, reward, 5, 1.0, 512, MAX_TOKENS, _eos(hf))
+    served, _ = _served(openai_client, "tiny-args-implicit", prompt)
+    assert served == expected
+
+
+def test_args_reward_model_in_vllm_pooling_runner(openai_client: openai.OpenAI, alignd_server: RunningServer,
+                                                  hf: dict[str, Any]) -> None:
+    import torch
+
+    from tests.reference import args_ref
+    from tests.support.hf_runner import logits_fn
+
+    prompt = PROMPTS[0]
+    ids = _prompt_ids(alignd_server, prompt)
+    tok = hf["tokenizer"]
+
+    def reward(prompt_ids: list[int], generated: list[int], c: int) -> float:
+        # The server scores text: prompt text + response text, tokenized by the reward model's tokenizer.
+        text = prompt + tok.decode(generated + ([] if c in _eos(hf) else [c]), skip_special_tokens=True)
+        with torch.inference_mode():
+            return float(hf["tiny-reward"](torch.tensor([tok.encode(text)])).logits[0, 0])
+
+    expected = args_ref.greedy(logits_fn(hf["tiny-base"]), ids, reward, 4, 1.0, 512, 6, _eos(hf))
+    out = openai_client.completions.create(model="tiny-args-rm", prompt=prompt, max_tokens=6, temperature=0,
+                                           extra_body={"alignment": {"trace": True}})
+    trace = out.choices[0].model_extra["alignment_trace"]
+    assert [t for s in trace["spans"] for t in s["token_ids"]] == expected
+
+
+def test_nudging_on_a_shared_tokenizer(openai_client: openai.OpenAI, hf: dict[str, Any]) -> None:
+    out = openai_client.chat.completions.create(
+        model="tiny-nudging", messages=[{"role": "user", "content": "Tell me about Paris."}], max_tokens=24,
+        temperature=0, extra_body={"alignment": {"trace": True}},
+    )
+    trace = out.choices[0].model_extra["alignment_trace"]
+    assert set(trace["role_token_share"]) <= {"base", "aligner"}
+    assert sum(trace["role_token_share"].values()) == pytest.approx(1.0)
+    assert "".join(s["text"] for s in trace["spans"]) == out.choices[0].message.content
+    assert out.usage.completion_tokens == sum(len(s["token_ids"]) for s in trace["spans"])
+
+
+def test_grammar_recipe_always_matches(openai_client: openai.OpenAI) -> None:
+    out = openai_client.completions.create(model="tiny-grammar", prompt="Answer:", max_tokens=10, n=6,
+                                           temperature=1.0, seed=3)
+    assert {c.text for c in out.choices} <= {"yes", "no", "maybe"}
+    assert all(c.finish_reason == "stop" for c in out.choices)
+
+
+def test_response_format_wraps_a_decoder(openai_client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    out = openai_client.completions.create(
+        model="tiny-contrastive", prompt="JSON:", max_tokens=30, temperature=0,
+        extra_body={"response_format": {"type": "json_schema", "json_schema": {"name": "r", "schema": schema}}},
+    )
+    import json
+
+    assert isinstance(json.loads(out.choices[0].text)["ok"], bool)
+
+
+def test_urial_recipe_streams(openai_client: openai.OpenAI) -> None:
+    chunks = list(openai_client.chat.completions.create(
+        model="tiny-urial", messages=[{"role": "user", "content": "hi"}], max_tokens=8, temperature=0, stream=True,
+    ))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stream_equals_whole_for_a_recipe(openai_client: openai.OpenAI) -> None:
+    whole = openai_client.completions.create(model="tiny-contrastive", prompt=PROMPTS[1], max_tokens=10,
+                                             temperature=0)
+    streamed = "".join(c.choices[0].text for c in openai_client.completions.create(
+        model="tiny-contrastive", prompt=PROMPTS[1], max_tokens=10, temperature=0, stream=True) if c.choices)
+    assert streamed == whole.choices[0].text
+
+
+def test_recipe_in_the_body(openai_client: openai.OpenAI) -> None:
+    body = {"alignment": {"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"},
+                          "params": {"alpha": 0.2}, "trace": True}}
+    out = openai_client.completions.create(model="tiny-base", prompt=PROMPTS[0], max_tokens=5, temperature=0,
+                                           extra_body=body)
+    spans = out.choices[0].model_extra["alignment_trace"]["spans"]
+    assert spans and all(s["role"] in ("expert", "amateur") for s in spans)
+
+
+@pytest.mark.parametrize(
+    ("alignment", "param"),
+    [
+        ({"decoder": "nope", "roles": {"base": "tiny-base"}}, "alignment.decoder"),
+        ({"decoder": "contrastive", "roles": {"expert": "tiny-base"}}, "alignment.roles.amateur"),
+        ({"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "ghost"}}, "alignment.roles.amateur"),
+        ({"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"},
+          "params": {"alpha": 7}}, "alignment.params.alpha"),
+        ({"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur", "judge": "tiny-chat"}},
+         "alignment.roles.judge"),
+        ({"roles": {"expert": "tiny-base"}}, "alignment.decoder"),
+    ],
+)
+def test_bad_recipes_are_400_naming_the_field(alignd_server: RunningServer, alignment: dict, param: str) -> None:
+    r = httpx.post(alignd_server.api_url + "/completions",
+                   json={"model": "tiny-base", "prompt": "x", "max_tokens": 2, "alignment": alignment})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
+def test_decoders_are_discoverable(alignd_server: RunningServer) -> None:
+    data = httpx.get(alignd_server.api_url + "/alignment/decoders").json()["data"]
+    by_name = {d["name"]: d for d in data}
+    assert {"nudging", "args", "contrastive", "logit_arithmetic", "grammar", "urial"} <= set(by_name)
+    assert by_name["contrastive"]["shared_vocab"] is True and by_name["nudging"]["shared_vocab"] is False
+    assert "alpha" in by_name["contrastive"]["params_schema"]["properties"]
+    assert {r["name"] for r in by_name["nudging"]["roles"]} == {"base", "aligner"}
+
+
+def test_recipes_listed_in_models(openai_client: openai.OpenAI) -> None:
+    cards = {m.id: m.model_extra["alignd"] for m in openai_client.models.list().data}
+    assert cards["tiny-nudging"]["kind"] == "recipe"
+    assert cards["tiny-nudging"]["decoder"] == "nudging"
+    assert cards["tiny-nudging"]["roles"]["aligner"]["model"] == "tiny-chat"
