@@ -59,6 +59,9 @@ Differences from the reference, on purpose
 * Repetition ends decoding; the reference strips repeated suffixes from the final text afterwards, which
   a streaming server cannot do.
 * ``gamma`` defaults to 0.4 (the reference's README; its command line defaults to 0.3).
+* The reference gives both roles the same answer start ("Answer:"); here each role keeps its own prompt
+  format, so when the base's prompt ends in a word (``Answer:``) and the aligner opens without a space
+  (after its chat template's newline), the base's context gets a joining space that is not output.
 """
 
 from __future__ import annotations
@@ -206,21 +209,21 @@ class _Track:
         text, offsets = self.decode_after(self.ids, new_ids)
         return _Segment(len(self.ids), list(new_ids), text, 0, offsets)
 
-    def encode(self, text: str) -> _Segment:
+    def encode(self, text: str, joiner: str = "") -> _Segment:
         """Another role's text in this role's tokens, appended to the context (re-tokenizing its last
-        tokens if they merge with the text)."""
+        tokens if they merge with the text); ``joiner`` goes between the context and the text in this
+        role's tokens only (it is not output)."""
         if not text:
             return _Segment(len(self.ids), [], "", 0, [0])
         anchor = self.anchor(self.ids)
-        full = self.tok.encode(self.tok.decode(anchor) + text)
+        full = self.tok.encode(self.tok.decode(anchor) + joiner + text)
         a = 0
         while a < len(anchor) and a < len(full) and full[a] == anchor[a]:
             a += 1
         keep = len(self.ids) - len(anchor) + a
         new_ids = full[a:]
         seg_text, offsets = self.decode_after(self.ids[:keep], new_ids)
-        lead = max(0, len(seg_text) - len(text)) if a < len(anchor) else 0
-        return _Segment(keep, new_ids, seg_text, lead, offsets)
+        return _Segment(keep, new_ids, seg_text, max(0, len(seg_text) - len(text)), offsets)
 
     def apply(self, seg: _Segment, upto: int | None = None) -> None:
         """Make ``ids[:seg.keep] + seg.ids[:upto]`` the context."""
@@ -403,6 +406,14 @@ class _Run:
         prompt_tail = b.prompt_text or self.base.tok.decode(self.base.anchor(b.prompt_ids))
         self.prompt_last_char = prompt_tail[-1:]
 
+    def joiner(self, text: str) -> str:
+        """A space between the base's prompt and the answer when the prompt ends in a word and the answer
+        starts with one: chat templates end in a newline (the aligner writes "Sure"), plain formats in
+        "Answer:" (the base expects " Sure"). Only the base's context gets it; it is not output."""
+        if self.out.text or not text or text[0].isspace():
+            return ""
+        return " " if self.prompt_last_char and not self.prompt_last_char.isspace() else ""
+
     def word_starts(self, text: str) -> list[bool]:
         """For each character of ``text`` (about to follow the output), whether a word starts there."""
         prev = self.out.text[-1:] if self.out.text else self.prompt_last_char
@@ -429,7 +440,12 @@ class _Run:
             if need > 0:
                 context = (*self.al.ids, *self.pending)
                 op = GenerateOp(
-                    "aligner", context, need, want=ViewSpec(), sampling=_engine_sampling(self.ctx)
+                    "aligner",
+                    context,
+                    need,
+                    want=ViewSpec(),
+                    sampling=_engine_sampling(self.ctx),
+                    stop_token_ids=tuple(sorted(self.al.eos)),
                 )
                 (gen,) = yield [op]
                 new, _, ended = _strip_eos(gen, self.al.eos)
@@ -440,10 +456,11 @@ class _Run:
                 return (yield from self.end("stop"))
 
             # 2. the base, over the block in its own tokens, finds where to take over
-            if self.shared:
+            joiner = self.joiner(block.text)
+            if self.shared and not joiner:
                 bseg = _Segment(len(self.base.ids), list(self.pending), block.text, 0, list(block.offsets))
             else:
-                bseg = self.base.encode(block.text)
+                bseg = self.base.encode(block.text, joiner)
             flags = self.word_starts(block.text)
             candidates: list[tuple[int, int]] = []  # (offset in the block's text, base token index)
             for k in range(1, len(bseg.ids)):
@@ -496,7 +513,13 @@ class _Run:
                 and len(set(recent)) == 1
             ):
                 return (yield from self.end("stop"))
-            bounds = [(0, 0, reason), *probes, (end_rel, end_k, "")]
+            # the first piece starts at the first base token that writes block text (not the joiner or a
+            # re-tokenized tail of the context)
+            k_first = next(
+                (k for k in range(len(bseg.ids)) if (o := bseg.offsets[k + 1]) is None or o > bseg.lead),
+                0,
+            )
+            bounds = [(0, min(k_first, end_k), reason), *probes, (end_rel, end_k, "")]
             for (r0, k0, why), (r1, k1, _) in itertools.pairwise(bounds):
                 offs = [None if o is None else max(0, o - bseg.lead - r0) for o in bseg.offsets[k0 : k1 + 1]]
                 yield from self.out.add(_Piece("aligner", why, block.text[r0:r1], bseg.ids[k0:k1], offs))
@@ -539,7 +562,14 @@ class _Run:
             if self.out.room <= 0:
                 return (yield from self.end("length"))
             want = min(self.p.base_chunk_tokens, self.out.room)
-            op = GenerateOp("base", tuple(self.base.ids), want, ViewSpec(top_k=1), _engine_sampling(self.ctx))
+            op = GenerateOp(
+                "base",
+                tuple(self.base.ids),
+                want,
+                ViewSpec(top_k=1),
+                _engine_sampling(self.ctx),
+                stop_token_ids=tuple(sorted(self.base.eos)),
+            )
             (gen,) = yield [op]
             ids, views, base_ended = _strip_eos(gen, self.base.eos)
             seg = self.base.segment(ids)

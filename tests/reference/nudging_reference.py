@@ -60,12 +60,12 @@ def text_after(role: RefRole, context: Sequence[int], new: Sequence[int]) -> str
     return full[len(head) :]
 
 
-def append_text(role: RefRole, ids: list[int], text: str) -> list[int]:
-    """``ids`` followed by ``text`` written by another role."""
+def append_text(role: RefRole, ids: list[int], text: str, joiner: str = "") -> list[int]:
+    """``ids`` followed by ``text`` written by another role (after ``joiner``, in this role only)."""
     if not text:
         return list(ids)
     anchor = _anchor(role, ids)
-    full = role.tokenizer.encode(role.tokenizer.decode(anchor) + text)
+    full = role.tokenizer.encode(role.tokenizer.decode(anchor) + joiner + text)
     a = 0
     while a < len(anchor) and a < len(full) and full[a] == anchor[a]:
         a += 1
@@ -131,11 +131,13 @@ def nudging_reference(
         if not block_text.strip():
             return out, "stop"
 
-        # the block in the base's tokens
-        if shared:
+        # the block in the base's tokens (a space between a prompt ending in a word and an answer starting
+        # with one, in the base's context only)
+        joiner = " " if not text and prompt_last_char.strip() and not block_text[0].isspace() else ""
+        if shared and not joiner:
             keep, b_new = len(base_ids), list(block)
         else:
-            joined = append_text(base, base_ids, block_text)
+            joined = append_text(base, base_ids, block_text, joiner)
             keep = 0
             while keep < len(base_ids) and keep < len(joined) and joined[keep] == base_ids[keep]:
                 keep += 1
@@ -177,14 +179,18 @@ def nudging_reference(
             clean = [c for c in candidates if c[0] in al_starts]
             end_p, end_j = clean[-1] if clean else candidates[-1]
 
-        # the aligner's words
-        if used + end_j >= max_tokens:
-            room = max_tokens - used
-            cut = starts[room] - lead if room < len(starts) and starts[room] is not None else end_p
+        # the aligner's words; output tokens are the base tokens that write some of them (not the ones
+        # that only spell the joining space or a re-tokenized end of the context)
+        ends = [*starts[1:], len(b_text)]
+        first = next((j for j in range(len(b_new)) if ends[j] is None or ends[j] > lead), 0)
+        first = min(first, end_j)
+        if used + end_j - first >= max_tokens:
+            idx = first + max_tokens - used
+            cut = starts[idx] - lead if idx < len(starts) and starts[idx] is not None else end_p
             write("aligner", block_text[: max(0, min(cut, end_p))])
             return out, "length"
         write("aligner", block_text[:end_p])
-        used += end_j
+        used += end_j - first
         base_ids = base_ids[:keep] + b_new[:end_j]
         al_starts = token_starts(aligner, al_ids, block, block_text) + [len(block_text)]
         if end_p in al_starts:

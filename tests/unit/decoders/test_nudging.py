@@ -69,10 +69,19 @@ class TextWorld:
     the token that starts writing it; inside a word and for a lone space it is sure (0.95). Each token is
     the longest one spelling the model's plan, so greedy outputs are canonical tokenizations."""
 
-    def __init__(self, tok: ListTokenizer, nxt: dict[str, str | None], conf: dict[str, float]) -> None:
+    def __init__(
+        self,
+        tok: ListTokenizer,
+        nxt: dict[str, str | None],
+        conf: dict[str, float],
+        opening_space: bool = True,
+    ) -> None:
         self.tok = tok
         self.nxt = nxt
         self.conf = conf
+        self.opening_space = (
+            opening_space  # False: the first word comes without a space (after a chat template)
+        )
         self.prompt = [BOS, *tok.encode(PROMPT)]
 
     def plan(self, text: str) -> tuple[str, int, str]:
@@ -98,7 +107,11 @@ class TextWorld:
             n = self.nxt.get(w)
             if n is None:
                 break
-            sep = "" if (not plan and text and text[-1].isspace()) else " "
+            sep = (
+                ""
+                if (not plan and text and text[-1].isspace()) or (not text and not self.opening_space)
+                else " "
+            )
             if start < 0:
                 start = len(plan) + len(sep)
             plan += sep + n
@@ -250,6 +263,41 @@ def test_hand_checked_round() -> None:
     assert LEADING.decode(result.tokens) == result.text
     ref, reason = nudging_reference(
         base.ref_role(), aligner.ref_role(), block_tokens=3, max_tokens=40, prompt_last_char=":"
+    )
+    assert ref == merged(result) and reason == result.finish.reason
+
+
+@pytest.mark.parametrize("base_tok", [LEADING, TRAILING])
+def test_joining_space_after_the_base_prompt(base_tok: ListTokenizer) -> None:
+    """The aligner opens without a space (its chat template ended in a newline); the base's prompt ends
+    in "a:". The output has no leading space, but the base reads "a: sure", not "a:sure"."""
+    aligner = TextWorld(
+        base_tok if base_tok is TRAILING else TRAILING, ALIGNER_CHAIN, {}, opening_space=False
+    )
+    base_chain = {
+        "<s>": "the",
+        "sure": "the",
+        "the": "cat",
+        "cat": "sat",
+        "sat": "on",
+        "on": "a",
+        "a": "mat",
+        "mat": None,
+    }
+    base = TextWorld(base_tok, base_chain, {"<s>": 0.2})
+    result = run({"block_tokens": 3}, base, aligner)
+    assert result.text == "sure the cat sat on a mat"
+    (role, first), (second, _) = merged(result)[:2]
+    assert role == "aligner" and first.strip() == "sure" and second == "base"
+    first_base = next(op for op in result.ops_of(GenerateOp) if op.role == "base")
+    assert base_tok.decode(first_base.context).rstrip().endswith("a: sure")
+    ref, reason = nudging_reference(
+        base.ref_role(),
+        aligner.ref_role(),
+        block_tokens=3,
+        max_tokens=40,
+        prompt_last_char=":",
+        shared=base_tok is TRAILING,
     )
     assert ref == merged(result) and reason == result.finish.reason
 
