@@ -367,6 +367,11 @@ class Nudging(Decoder):
 
     def run(self, ctx: DecoderContext) -> DecoderRun:
         """Decode one choice (see the module docstring for the rounds)."""
+        if ctx.grammar is not None:
+            # the roles write natively and across tokenizers: a token-level constraint cannot wrap them
+            raise DecoderError(
+                "nudging does not support response_format or grammars", param="response_format"
+            )
         return _Run(self.p, ctx, self.shares_tokenizer(ctx.roles["base"], ctx.roles["aligner"])).run()
 
 
@@ -572,6 +577,7 @@ class _Run:
             )
             (gen,) = yield [op]
             ids, views, base_ended = _strip_eos(gen, self.base.eos)
+            base_ended = base_ended or not gen.token_ids  # an engine that writes nothing has ended
             seg = self.base.segment(ids)
             flags = self.word_starts(seg.text)
             # decision points: word-start tokens, and the end-of-sequence token if there is one

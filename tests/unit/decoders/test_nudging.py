@@ -472,6 +472,10 @@ def test_registry_params_and_shared_detection() -> None:
     assert not d.shares_tokenizer(ctx.roles["base"], ctx.roles["aligner"])
     ctx = context(base, TextWorld(LEADING, {}, {}))
     assert d.shares_tokenizer(ctx.roles["base"], ctx.roles["aligner"])
+    ctx.grammar = object()  # type: ignore[assignment]
+    with pytest.raises(DecoderError) as err:
+        d.run(ctx)
+    assert err.value.param == "response_format"
     forced = Nudging(Nudging.parse_params({"shared_tokenizer": True}))
     ctx = context(base, TextWorld(CHARS, {}, {}))
     with pytest.raises(DecoderError):
