@@ -96,6 +96,9 @@ class SamplingFields(_Body):
     user: str | None = None
     response_format: ResponseFormat | None = None
     ignore_eos: bool = False
+    return_tokens_as_token_ids: bool = Field(
+        False, description="vLLM's extension: logprob tokens as 'token_id:<id>' strings."
+    )
     alignment: AlignmentSpec | None = None
 
     @field_validator("stop")

@@ -94,6 +94,14 @@ def _api_error(exc: BaseException) -> APIError:
     return err
 
 
+class _IdTokens:
+    """Token strings as vLLM's ``return_tokens_as_token_ids`` spells them."""
+
+    @staticmethod
+    def token_text(token_id: int) -> str:
+        return f"token_id:{token_id}"
+
+
 async def _chain(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
     if first is not None:
         yield first
@@ -285,9 +293,14 @@ class Serving:
     # ---- responses ---------------------------------------------------------------------------------
 
     def _logprobs_json(
-        self, endpoint: Endpoint, model: HostedModel, lps: list[TokenLogprob], text_offset0: int = 0
+        self,
+        endpoint: Endpoint,
+        model: HostedModel,
+        lps: list[TokenLogprob],
+        text_offset0: int = 0,
+        as_ids: bool = False,
     ) -> dict[str, Any]:
-        tok = model.tokenizer
+        tok: Any = _IdTokens() if as_ids else model.tokenizer
         if endpoint == "chat":
             content = []
             for lp in lps:
@@ -382,7 +395,8 @@ class Serving:
             if endpoint == "chat":
                 choice["message"] = {"role": "assistant", "content": st.text}
                 choice["logprobs"] = (
-                    self._logprobs_json("chat", model, st.logprobs) if prepared.logprobs is not None else None
+                    self._logprobs_json("chat", model, st.logprobs, 0, req.return_tokens_as_token_ids)
+                    if prepared.logprobs is not None else None
                 )
             else:
                 text = st.text
@@ -391,7 +405,8 @@ class Serving:
                 choice["text"] = text
                 choice["logprobs"] = (
                     self._logprobs_json("completion", model, st.logprobs,
-                                        len(prepared.prompt_texts[p_index]) if echo else 0)
+                                        len(prepared.prompt_texts[p_index]) if echo else 0,
+                                        req.return_tokens_as_token_ids)
                     if prepared.logprobs is not None else None
                 )
             if st.stop_reason is not None:
@@ -464,13 +479,14 @@ class Serving:
                         delta["content"] = ev.text
                     choice["delta"] = delta
                     choice["logprobs"] = (
-                        self._logprobs_json("chat", model, ev.logprobs or [])
+                        self._logprobs_json("chat", model, ev.logprobs or [], 0, req.return_tokens_as_token_ids)
                         if prepared.logprobs is not None else None
                     )
                 else:
                     choice["text"] = ev.text
                     choice["logprobs"] = (
-                        self._logprobs_json("completion", model, ev.logprobs or [], offsets[ev.index])
+                        self._logprobs_json("completion", model, ev.logprobs or [], offsets[ev.index],
+                                            req.return_tokens_as_token_ids)
                         if prepared.logprobs is not None else None
                     )
                     offsets[ev.index] += len(ev.text)
