@@ -244,16 +244,15 @@ class LocalVLLMEngine(Engine):
             kwargs.pop("structured_outputs_config")
         if on_cpu():
             kwargs.update(_CPU_DEFAULTS)
+            if "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
+                # The CPU backend reserves its KV cache up front: size it for a small machine.
+                kwargs["kv_cache_memory_bytes"] = int((self.kv_cache_gib or 1.0) * 2**30)
         kwargs.update(s.vllm)
         return AsyncEngineArgs(**kwargs)
 
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        if on_cpu() and "VLLM_CPU_KVCACHE_SPACE" not in os.environ:
-            # The CPU backend reserves its KV cache up front; size it for a small machine. Read by the
-            # engine core process, which inherits this environment when it is spawned just below.
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(self.kv_cache_gib or 1)
         args = self.engine_args()
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         cfg = self.llm.model_config

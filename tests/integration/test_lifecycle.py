@@ -71,7 +71,7 @@ def test_sigint_shuts_down_cleanly(tiny_paths: dict[str, Path], tmp_path: Path) 
     # SIGTERM is exercised by every other server's teardown (see test_embedded.py).
     sig = signal.SIGINT
     config = {"models": {"tiny-base": {"path": str(tiny_paths["tiny-base"]), "dtype": "float32",
-                                       "max_model_len": 512}}}
+                                       "max_model_len": 512}}, "kv_cache_gib": 0.25}
     server = start_server(config, tmp_path)
     kids = _children(server.process.pid)
     assert kids, "the engine core runs in a child process"
