@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeVar
@@ -19,6 +19,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from pydantic import BaseModel, ValidationError
 
 from alignd.server.api.errors import (
+    APIError,
     BadRequest,
     PayloadTooLarge,
     ServiceUnavailable,
@@ -44,6 +45,42 @@ __all__ = ["create_app"]
 
 log = logging.getLogger("alignd.server")
 Body = TypeVar("Body", bound=BaseModel)
+T = TypeVar("T")
+
+
+class _ClientGone(APIError):
+    """The client disconnected before its response started (logged as 499, as nginx does)."""
+
+    status = 499
+    type = "client_closed_request"
+
+
+async def _until_disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run ``work``, cancelled if the client disconnects first (vLLM's ``with_cancellation``).
+
+    Without this, a non-streaming request (or a stream before its first chunk) whose client went away
+    would keep its engine requests running to ``max_tokens``.
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnected(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done() and watcher.exception() is not None:
+            await task  # receive() failed: nothing left to race against
+    finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
+        if not task.done():  # the client left first (or this request itself was cancelled)
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    if task.cancelled():
+        raise _ClientGone("the client disconnected")
+    return task.result()
 
 
 async def _parse(request: Request, model: type[Body]) -> Body:
@@ -137,7 +174,8 @@ def create_app(
         state.metrics.in_flight.inc()
         release_now = True
         try:
-            result = await state.serving.complete(body, endpoint)  # type: ignore[arg-type]
+            work = state.serving.complete(body, endpoint)  # type: ignore[arg-type]
+            result = await _unless_disconnected(request, work)
             if isinstance(result, dict):
                 state.metrics.requests.labels(endpoint, target_label, "200").inc()
                 return JSONResponse(result)
