@@ -1,0 +1,141 @@
+"""The two model suites a benchmark runs on, as alignd configurations, and the prompts they get.
+
+* ``embedded``: the embedded default (Gemma-3-270M base, SmolLM2-135M-Instruct; bf16) with its recipes, plus
+  the recipes the speed table needs there: contrastive with speculative draft-and-verify, and ARGS with an
+  implicit reward. The two models share no vocabulary, so token-level merging runs on SmolLM2 with itself
+  under different system prompts (a role is a model plus a system prompt).
+* ``tiny``: the generated tiny models of the test suite (one shared BPE vocabulary, float32), where every
+  decoder runs on distinct models.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["INSTRUCTIONS", "RecipeInfo", "Suite", "embedded_suite", "tiny_suite"]
+
+SAFE = "You are a helpful, honest and harmless assistant."
+CARELESS = "You are a careless assistant who ignores instructions."
+
+# Short instructions: the base writes most of an answer and decoders have real choices to make.
+INSTRUCTIONS = [
+    "Explain in two sentences why the sky is blue.",
+    "Give three tips for staying focused while studying.",
+    "What is the capital of France, and what is it famous for?",
+    "Write a short, friendly note thanking a colleague for their help.",
+    "Describe how a bicycle works to a child.",
+    "List the planets of the solar system in order.",
+    "Why is regular exercise good for health?",
+    "Summarise the plot of Romeo and Juliet in one paragraph.",
+]
+
+
+@dataclass(frozen=True)
+class RecipeInfo:
+    """A recipe the benchmark runs: how its floor is computed and which roles decode every token."""
+
+    name: str
+    decoder: str
+    roles: dict[str, tuple[str, str | None]]  # role -> (model, system prompt)
+    speculative: bool = False
+
+    @property
+    def lockstep_roles(self) -> dict[str, tuple[str, str | None]]:
+        """Roles that read every output token (all of them but a reward model)."""
+        return {r: v for r, v in self.roles.items() if r != "reward"}
+
+
+@dataclass
+class Suite:
+    """A configuration to serve, the recipes of each table row on it, and its plain model for throughput."""
+
+    name: str
+    label: str
+    config: dict[str, Any]
+    recipes: dict[str, RecipeInfo]  # keyed by the table's recipe kind: nudging, contrastive, ...
+    plain_model: str
+    plain_path: str
+    plain_dtype: str
+    max_model_len: int
+
+
+def _recipe_info(name: str, body: dict[str, Any]) -> RecipeInfo:
+    roles: dict[str, tuple[str, str | None]] = {}
+    for role, binding in body["roles"].items():
+        if isinstance(binding, str):
+            roles[role] = (binding, None)
+        else:
+            roles[role] = (binding["model"], binding.get("system_prompt"))
+    spec = bool((body.get("params") or {}).get("speculative"))
+    return RecipeInfo(name, body["decoder"], roles, spec)
+
+
+def _spec(body: dict[str, Any], draft: str, block: int) -> dict[str, Any]:
+    out = copy.deepcopy(body)
+    out.setdefault("params", {})["speculative"] = {"draft_role": draft, "block_size": block}
+    return out
+
+
+def embedded_suite() -> Suite:
+    """The embedded default configuration with the benchmark's extra recipes."""
+    from alignd.server.settings import default_config_path
+
+    config = yaml.safe_load(Path(default_config_path()).read_text())
+    recipes = config["recipes"]
+    smol = "smollm2-135m-instruct"
+    recipes["bench-contrastive-spec"] = _spec(recipes["contrastive-prompt"], "expert", 8)
+    recipes["bench-args"] = {
+        "decoder": "args",
+        "roles": {
+            "base": smol,
+            "aligned": {"model": smol, "system_prompt": SAFE},
+            "reference": {"model": smol, "system_prompt": CARELESS},
+        },
+        "params": {"k": 10, "w": 1.0, "rewards": [{"kind": "implicit"}]},
+    }
+    kinds = {
+        "nudging": "nudging",
+        "contrastive": "contrastive-prompt",
+        "contrastive_spec": "bench-contrastive-spec",
+        "args": "bench-args",
+    }
+    infos = {kind: _recipe_info(name, recipes[name]) for kind, name in kinds.items()}
+    from alignd.server.model_store import alignd_home
+
+    path = config["models"][smol]["path"].replace("{home}", str(alignd_home()))
+    return Suite("embedded", "embedded default", config, infos, smol, path,
+                 config["models"][smol]["dtype"], int(config["models"][smol]["max_model_len"]))
+
+
+def tiny_suite() -> Suite:
+    """The tiny generated models (shared vocabulary, float32): every decoder on distinct models."""
+    from tests.support.tiny_models import ensure_tiny_models
+
+    paths = ensure_tiny_models()
+    models = {name: {"path": str(paths[name]), "dtype": "float32", "max_model_len": 2048}
+              for name in ("tiny-base", "tiny-chat", "tiny-amateur")}
+    contrastive = {"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"}}
+    trio = {"base": "tiny-base", "aligned": "tiny-chat", "reference": "tiny-amateur"}
+    recipes: dict[str, Any] = {
+        "tiny-nudging": {"decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"}},
+        "tiny-contrastive": contrastive,
+        "tiny-contrastive-spec": _spec(contrastive, "expert", 8),
+        "tiny-logit-arithmetic": {"decoder": "logit_arithmetic", "roles": trio, "params": {"lambda": 1.5}},
+        "tiny-args": {"decoder": "args", "roles": trio, "params": {"k": 10, "w": 1.0, "rewards": [{"kind": "implicit"}]}},
+    }
+    kinds = {
+        "nudging": "tiny-nudging",
+        "contrastive": "tiny-contrastive",
+        "contrastive_spec": "tiny-contrastive-spec",
+        "logit_arithmetic": "tiny-logit-arithmetic",
+        "args": "tiny-args",
+    }
+    infos = {kind: _recipe_info(name, recipes[name]) for kind, name in kinds.items()}
+    config = {"models": models, "recipes": recipes}
+    return Suite("tiny", "tiny pair", config, infos, "tiny-base",
+                 str(paths["tiny-base"]), "float32", 2048)

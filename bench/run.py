@@ -1,0 +1,238 @@
+"""``make bench``: issue #4's speed table, measured side by side in one run on this machine.
+
+Two suites, each on its own alignd server: the tiny generated models (every decoder on distinct models with
+one vocabulary) and the embedded default models. Per suite: composite recipes against their floors (one
+request at a time and eight at once), against a naive resubmitting gateway, speculative on and off, the
+gateway's CPU time per merged token, and a plain model through alignd against vLLM's own server. On the
+embedded default also: start-up time to a healthy ``/health``, peak memory of the whole server, and the
+gateway's memory over a sustained run. Prints one table and writes ``bench/results/<time>-<mode>.json``
+and ``bench/results/latest.json``.
+
+    python -m bench.run            # full (about 20 minutes on 2 cores)
+    python -m bench.run --quick    # fewer prompts, shorter outputs, a short soak (about 5 minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import load, servers
+from bench.configs import INSTRUCTIONS, Suite, embedded_suite, tiny_suite
+from bench.procs import MemorySampler
+from bench.report import Report, Row
+from bench.scenarios import SuiteBench, percentile
+
+__all__ = ["Options", "main", "run"]
+
+
+@dataclass
+class Options:
+    """What one run measures."""
+
+    quick: bool
+    suites: list[str]
+    max_tokens: int
+    single_prompts: int
+    soak_seconds: float
+    vllm: bool
+    throughput_requests: int
+    rounds: int
+
+
+def _options(argv: list[str] | None) -> Options:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="fewer prompts, shorter outputs, short soak")
+    p.add_argument("--suites", default="tiny,embedded", help="comma-separated: tiny, embedded")
+    p.add_argument("--max-tokens", type=int, default=None, help="tokens per composite request")
+    p.add_argument("--soak-seconds", type=float, default=None,
+                   help="length of the gateway memory run (default 180, quick 45; the issue asks for 600)")
+    p.add_argument("--no-vllm", action="store_true", help="skip the comparison with vLLM's own server")
+    a = p.parse_args(argv)
+    return Options(
+        quick=a.quick,
+        suites=[s.strip() for s in a.suites.split(",") if s.strip()],
+        max_tokens=a.max_tokens or (32 if a.quick else 64),
+        single_prompts=2 if a.quick else 4,
+        soak_seconds=a.soak_seconds if a.soak_seconds is not None else (45.0 if a.quick else 180.0),
+        vllm=not a.no_vllm,
+        throughput_requests=8 if a.quick else 16,
+        rounds=1 if a.quick else 2,
+    )
+
+
+async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, report: Report,
+                         workdir: Path) -> dict[str, Any]:
+    """Every per-suite row; returns raw data for the JSON."""
+    b = SuiteBench(suite, server.api_url, server.base_url, server.pid)
+    label = suite.label
+    raw: dict[str, Any] = {}
+    single = INSTRUCTIONS[: opts.single_prompts]
+    eight = INSTRUCTIONS[:8]
+    try:
+        for recipe in suite.recipes.values():
+            await b.warm(recipe)
+        # one request at a time
+        for kind, limit in (("nudging", 1.15), ("contrastive", 1.15), ("logit_arithmetic", 1.15), ("args", 1.30)):
+            recipe = suite.recipes.get(kind)
+            if recipe is None:
+                continue
+            r = await b.single(recipe, single, opts.max_tokens)
+            raw[f"{kind}_single"] = r.to_json()
+            what = f"{kind.replace('_', ' ')}" + (" (k=10, implicit reward)" if kind == "args" else "")
+            report.ratio(f"{what}: time / floor, 1 request", label, r.ratio, limit, data=r.to_json())
+        # eight at once, and the naive gateway on the same prompts and lengths
+        for kind in ("nudging", "contrastive", "logit_arithmetic"):
+            recipe = suite.recipes.get(kind)
+            if recipe is None:
+                continue
+            r, results = await b.concurrent(recipe, eight, opts.max_tokens)
+            raw[f"{kind}_concurrent"] = r.to_json()
+            report.ratio(f"{kind.replace('_', ' ')}: time / floor, 8 concurrent", label, r.ratio, 1.30,
+                         data=r.to_json())
+            if kind == "nudging":
+                continue
+            naive = await b.naive(recipe, eight, results)
+            speedup = naive / r.seconds
+            data = {"naive_seconds": round(naive, 3), "alignd_seconds": round(r.seconds, 3), "tokens": r.tokens}
+            raw[f"{kind}_naive"] = data
+            report.ratio(f"{kind.replace('_', ' ')} vs naive gateway (resubmit + 1 token), 8 concurrent", label,
+                         speedup, 3.0, at_most=False, data=data)
+        # speculative draft-and-verify on and off
+        if "contrastive_spec" in suite.recipes:
+            r = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_spec"], single,
+                                    opts.max_tokens)
+            raw["speculative"] = r.to_json()
+            same = r.detail["same_tokens"]
+            report.ratio("speculative contrastive: speed-up over the same recipe without it", label, r.ratio, 1.8,
+                         at_most=False, data=r.to_json(),
+                         fmt=lambda v: f"{v:.2f}x (same tokens {same}, drafts kept {r.detail['draft_acceptance']:.0%})")
+        # gateway CPU per merged token (sequential requests only)
+        samples = [s for values in b.cpu_per_token.values() for s in values]
+        p50, p99 = percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000
+        per_recipe = {k: round(percentile(v, 0.5) * 1000, 3) for k, v in b.cpu_per_token.items()}
+        data = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "samples": len(samples), "p50_ms_by_recipe": per_recipe}
+        raw["gateway_cpu"] = data
+        report.add(Row("gateway CPU time per merged token (gateway process, engines excluded)", label,
+                       "p50 <= 1 ms", f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", p50 <= 1.0, p50, data))
+        # plain model: alignd against vLLM's own server
+        if opts.vllm and (suite.name == "embedded" or not opts.quick):
+            raw["plain_vs_vllm"] = await _plain_vs_vllm(b, suite, server, opts, report, workdir)
+    finally:
+        await b.close()
+    raw["_bench"] = b
+    return raw
+
+
+async def _plain_vs_vllm(b: SuiteBench, suite: Suite, server: servers.Server, opts: Options, report: Report,
+                         workdir: Path) -> dict[str, Any]:
+    what = "plain model through alignd vs vLLM's own server (throughput, 8 concurrent)"
+    try:
+        vserver = await asyncio.to_thread(servers.start_vllm, suite.plain_path, suite.plain_model, workdir,
+                                          dtype=suite.plain_dtype, max_model_len=suite.max_model_len)
+    except Exception as exc:  # noqa: BLE001
+        report.missing(what, suite.label, ">= 0.95", f"vLLM's server did not start: {str(exc)[:200]}")
+        return {"error": str(exc)[-2000:]}
+    vclient = load.client(vserver.api_url)
+    prompts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(opts.throughput_requests)]
+    mt = opts.max_tokens
+    try:
+        await b.throughput(b.client, suite.plain_model, prompts[:2], 8, 2)  # warm both
+        await b.throughput(vclient, suite.plain_model, prompts[:2], 8, 2)
+        ours, theirs = [], []
+        for _ in range(opts.rounds):
+            ours.append((await b.throughput(b.client, suite.plain_model, prompts, mt, 8))[0])
+            theirs.append((await b.throughput(vclient, suite.plain_model, prompts, mt, 8))[0])
+    finally:
+        await vclient.close()
+        await asyncio.to_thread(servers.stop, vserver)
+    ratio = sum(ours) / sum(theirs)
+    data = {"alignd_tok_s": [round(x, 1) for x in ours], "vllm_tok_s": [round(x, 1) for x in theirs],
+            "vllm_startup_s": round(vserver.startup_s, 1)}
+    report.ratio(what, suite.label, ratio, 0.95, at_most=False, data=data,
+                 fmt=lambda v: f"{v:.2f}x ({sum(ours) / len(ours):.0f} vs {sum(theirs) / len(theirs):.0f} tok/s)")
+    return data
+
+
+async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dict[str, Any]:
+    suite = embedded_suite() if name == "embedded" else tiny_suite()
+    print(f"\n== {suite.label}: starting alignd", flush=True)
+    sampler: list[MemorySampler] = []
+    server = await asyncio.to_thread(
+        servers.start_alignd, suite.config, workdir, f"alignd-{name}", prepare=(name == "embedded"),
+        on_launch=lambda pid: sampler.append(MemorySampler(pid).start()),
+    )
+    print(f"   healthy after {server.startup_s:.1f} s", flush=True)
+    raw: dict[str, Any] = {"startup_s": round(server.startup_s, 1)}
+    try:
+        if name == "embedded":
+            report.add(Row("`make serve` on a prepared machine: time until /health answers 200", suite.label,
+                           "<= 90 s", f"{server.startup_s:.1f} s", server.startup_s <= 90, server.startup_s))
+        raw.update(await _measure_suite(suite, server, opts, report, workdir))
+        bench: SuiteBench = raw.pop("_bench")
+        if name == "embedded":
+            what = "gateway memory after warm-up over a sustained run"
+            soak = await bench.soak(suite.recipes["contrastive"], opts.soak_seconds, 4, 48, sampler[0])
+            raw["soak"] = soak
+            if "growth" in soak:
+                report.add(Row(f"{what} ({opts.soak_seconds:.0f} s; the issue asks 600 s)", suite.label,
+                               "growth <= 10%",
+                               f"{soak['growth']:+.1%} ({soak['rss_after_warmup_mib']:.0f} -> "
+                               f"peak {soak['rss_peak_after_warmup_mib']:.0f} MiB)",
+                               soak["growth"] <= 0.10, soak["growth"], soak))
+            else:
+                report.missing(what, suite.label, "growth <= 10%", soak.get("error", "?"))
+            await bench.close()
+    finally:
+        await asyncio.to_thread(servers.stop, server)
+        for s in sampler:
+            s.stop()
+    if name == "embedded" and sampler:
+        peak = sampler[0].peak
+        data = {"rss_gib": round(peak.rss / 2**30, 2), "pss_gib": round(peak.pss / 2**30, 2),
+                "processes": peak.processes}
+        raw["peak_memory"] = data
+        report.add(Row("whole server (gateway + engine processes), peak resident memory", suite.label,
+                       "<= 8 GiB (PSS)", f"PSS {data['pss_gib']:.2f} GiB (RSS summed {data['rss_gib']:.2f} GiB)",
+                       peak.pss <= 8 * 2**30, peak.pss / 2**30, data))
+    return raw
+
+
+async def run(opts: Options) -> Report:
+    """Measure every requested suite; returns the report (not yet written)."""
+    report = Report("quick" if opts.quick else "full")
+    report.extra["options"] = {k: v for k, v in opts.__dict__.items()}
+    report.extra["suites"] = {}
+    with tempfile.TemporaryDirectory(prefix="alignd-bench-") as tmp:
+        for name in opts.suites:
+            try:
+                report.extra["suites"][name] = await _suite(name, opts, report, Path(tmp))
+            except Exception as exc:  # noqa: BLE001 - one suite failing must not lose the other's rows
+                traceback.print_exc()
+                report.extra["suites"][name] = {"error": f"{type(exc).__name__}: {exc}"[-4000:]}
+                report.missing(f"suite {name}", name, "-", f"{type(exc).__name__}: {str(exc)[:200]}")
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark, print the table, write the JSON."""
+    opts = _options(argv)
+    t0 = time.monotonic()
+    report = asyncio.run(run(opts))
+    print()
+    report.print_table()
+    path = report.write()
+    print(f"\nwrote {path} and {path.parent / 'latest.json'} in {time.monotonic() - t0:.0f} s")
+    print("\nMarkdown:\n" + report.markdown())
+    return 0 if all(r.passed is not False for r in report.rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
