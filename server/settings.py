@@ -158,6 +158,21 @@ class Settings(BaseSettings):
         return self
 
 
+class _NoEnvSettings(Settings):
+    """Settings read from their arguments alone (CLI overrides applied on top of file and environment)."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def _deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in top.items():
@@ -202,9 +217,9 @@ def load_settings(config: str | Path | None = None, overrides: dict[str, Any] | 
     try:
         settings = Settings(**data)
         if overrides:
-            # model_validate skips the environment source, so CLI flags stay on top of it.
+            # Re-validated without the environment source, so CLI flags stay on top of it.
             merged = _deep_merge(settings.model_dump(exclude_unset=False), overrides)
-            settings = Settings.model_validate(_expand_home(merged))
+            settings = _NoEnvSettings(**_expand_home(merged))
     except ValidationError as exc:
         raise ConfigError(_format_error(str(path), exc)) from None
     return settings

@@ -71,6 +71,7 @@ class _ChoiceState:
     spans: list[TraceSpan] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
 
 def _api_error(exc: BaseException) -> APIError:
@@ -321,7 +322,7 @@ class Serving:
             text = tok.token_text(lp.token_id)
             tokens.append(text)
             token_lps.append(None if lp.logprob is None or math.isinf(lp.logprob) else lp.logprob)
-            tops.append({tok.token_text(i): v for i, v in lp.top} if lp.top or lp.logprob is not None else None)
+            tops.append(None if math.isinf(lp.logprob) else {tok.token_text(i): v for i, v in lp.top})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -381,6 +382,8 @@ class Serving:
                 st.token_ids += ev.token_ids
                 st.logprobs += ev.logprobs or []
                 st.spans += ev.spans
+                if ev.prompt_logprobs is not None and st.prompt_logprobs is None:
+                    st.prompt_logprobs = ev.prompt_logprobs
                 if ev.finish_reason:
                     st.finish_reason, st.stop_reason = ev.finish_reason, ev.stop_reason
         except Exception as exc:
@@ -403,9 +406,16 @@ class Serving:
                 if echo:
                     text = prepared.prompt_texts[p_index] + text
                 choice["text"] = text
+                lps = st.logprobs
+                if echo and st.prompt_logprobs is not None:
+                    prompt_ids = prepared.prompts[p_index]
+                    lps = [
+                        lp if lp is not None else TokenLogprob(prompt_ids[k], float("-inf"))
+                        for k, lp in enumerate(st.prompt_logprobs)
+                    ] + lps
                 choice["logprobs"] = (
-                    self._logprobs_json("completion", model, st.logprobs,
-                                        len(prepared.prompt_texts[p_index]) if echo else 0,
+                    self._logprobs_json("completion", model, lps,
+                                        0,
                                         req.return_tokens_as_token_ids)
                     if prepared.logprobs is not None else None
                 )

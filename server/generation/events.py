@@ -34,3 +34,4 @@ class ChoiceEvent:
     spans: list[TraceSpan] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first event only, when asked (echo)

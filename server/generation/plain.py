@@ -26,4 +26,5 @@ async def generate_plain(
                 logprobs=c.logprobs,
                 finish_reason=c.finish_reason,
                 stop_reason=c.stop_reason,
+                prompt_logprobs=update.prompt_logprobs,
             )

@@ -62,3 +62,21 @@ def test_nudging_across_tokenizers(client: openai.OpenAI) -> None:
     assert out.choices[0].message.content
     assert "".join(s["text"] for s in trace["spans"]) == out.choices[0].message.content
     assert set(trace["role_token_share"]) <= {"base", "aligner"}
+
+
+def _python_blocks(path: Path) -> list[str]:
+    import re
+
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/decoders.md"])
+def test_documented_examples_run_as_written(embedded_server: RunningServer, doc: str,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    root = Path(__file__).resolve().parents[2]
+    blocks = _python_blocks(root / doc)
+    assert blocks, f"{doc} has python examples"
+    for block in blocks:
+        code = block.replace("http://127.0.0.1:8000", embedded_server.base_url)
+        exec(compile(code, f"{doc} example", "exec"), {"__name__": "__doc_example__"})
+    assert capsys.readouterr().out.strip(), "the examples print their answers"

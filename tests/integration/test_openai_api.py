@@ -120,6 +120,12 @@ def test_logprobs_completion_and_chat(openai_client: openai.OpenAI) -> None:
 def test_echo(openai_client: openai.OpenAI) -> None:
     out = openai_client.completions.create(model="tiny-base", prompt=PROMPT, max_tokens=3, temperature=0, echo=True)
     assert out.choices[0].text.startswith(PROMPT)
+    with_lps = openai_client.completions.create(model="tiny-base", prompt=PROMPT, max_tokens=3, temperature=0,
+                                                echo=True, logprobs=1)
+    lp = with_lps.choices[0].logprobs
+    assert len(lp.tokens) == with_lps.usage.prompt_tokens + with_lps.usage.completion_tokens
+    assert lp.token_logprobs[0] is None and all(v <= 0 for v in lp.token_logprobs[1:])
+    assert lp.text_offset == sorted(lp.text_offset)
 
 
 def test_stop_sequence(openai_client: openai.OpenAI) -> None:

@@ -116,11 +116,6 @@ def test_environment_beats_file(
         load_settings(path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="load_settings re-validates CLI overrides with Settings.model_validate, which pydantic-settings "
-    "2.16 still feeds from the environment, so ALIGND_* beats CLI flags (bug in server/settings.py)",
-)
 def test_cli_beats_environment(
     tmp_path: Path, good_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
