@@ -25,32 +25,32 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, Protocol, Union
+from typing import Any, ClassVar, Literal, Protocol
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
-    "RoleSpec",
-    "ViewSpec",
-    "StepView",
-    "ViewOp",
+    "Decoder",
+    "DecoderContext",
+    "DecoderError",
+    "DecoderParams",
+    "DecoderRun",
+    "Emit",
+    "EngineOp",
+    "Finish",
     "GenerateOp",
     "GeneratedBlock",
-    "ScoreOp",
-    "RewardOp",
-    "EngineOp",
-    "Emit",
-    "Finish",
     "GrammarConstraint",
-    "Tokenizer",
+    "RewardOp",
     "RoleContext",
+    "RoleSpec",
     "SamplingOptions",
-    "DecoderContext",
-    "DecoderParams",
-    "Decoder",
-    "DecoderRun",
-    "DecoderError",
+    "ScoreOp",
+    "StepView",
+    "Tokenizer",
+    "ViewOp",
+    "ViewSpec",
 ]
 
 
@@ -196,7 +196,7 @@ class RewardOp:
     pairs: tuple[tuple[str, str], ...]
 
 
-EngineOp = Union[ViewOp, GenerateOp, ScoreOp, RewardOp]
+EngineOp = ViewOp | GenerateOp | ScoreOp | RewardOp
 
 
 # ---- what a decoder emits ----------------------------------------------------------------------------
@@ -314,7 +314,7 @@ class DecoderParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-DecoderRun = Generator[Union[list[EngineOp], Emit], Any, Finish]
+DecoderRun = Generator[list[EngineOp] | Emit, Any, Finish]
 
 
 class Decoder(ABC):

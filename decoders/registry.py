@@ -12,7 +12,7 @@ from typing import Any
 
 from alignd.decoders.contract import Decoder, DecoderError
 
-__all__ = ["BUILTIN_DECODERS", "ENTRY_POINT_GROUP", "decoder_names", "get_decoder_class", "describe_decoder"]
+__all__ = ["BUILTIN_DECODERS", "ENTRY_POINT_GROUP", "decoder_names", "describe_decoder", "get_decoder_class"]
 
 ENTRY_POINT_GROUP = "alignd.decoders"
 

@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-__all__ = ["register_serve", "register_models", "serve_command", "prepare_command", "main"]
+__all__ = ["main", "prepare_command", "register_models", "register_serve", "serve_command"]
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -34,7 +34,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve_command(args: argparse.Namespace) -> int:
     """Load the configuration (failing before any model loads if it is bad) and run the server."""
     import uvicorn
-
     from alignd.server.app import create_app
     from alignd.server.settings import ConfigError, load_settings
 

@@ -46,8 +46,8 @@ from tqdm.auto import tqdm
 __all__ = [
     "DEFAULT_MODELS",
     "MANIFEST_NAME",
-    "DefaultModel",
     "Converter",
+    "DefaultModel",
     "GGUFConverter",
     "ModelPrepareError",
     "alignd_home",

@@ -81,7 +81,7 @@ class ModelPool:
         for model in self.models.values():
             try:
                 await model.engine.shutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("shutting down %s", model.name)
 
     def get(self, name: str, param: str = "model") -> HostedModel:

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ModelTokenizer", "DEFAULT_PROMPT_FORMAT"]
+__all__ = ["DEFAULT_PROMPT_FORMAT", "ModelTokenizer"]
 
 DEFAULT_PROMPT_FORMAT = "plain"
 

@@ -25,11 +25,11 @@ __all__ = [
     "APIError",
     "BadRequest",
     "ContextLengthExceeded",
-    "Unauthorized",
     "NotFound",
     "PayloadTooLarge",
-    "TooManyRequests",
     "ServiceUnavailable",
+    "TooManyRequests",
+    "Unauthorized",
     "error_body",
     "install_error_handlers",
 ]

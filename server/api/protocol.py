@@ -7,22 +7,22 @@ additions: ``alignment`` (a recipe in the body), ``top_k``, ``min_p``, ``repetit
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
     "AlignmentRoleSpec",
     "AlignmentSpec",
-    "StreamOptions",
+    "ChatCompletionRequest",
+    "ChatMessage",
+    "CompletionRequest",
+    "DetokenizeRequest",
     "JSONSchemaFormat",
     "ResponseFormat",
     "SamplingFields",
-    "CompletionRequest",
-    "ChatMessage",
-    "ChatCompletionRequest",
+    "StreamOptions",
     "TokenizeRequest",
-    "DetokenizeRequest",
 ]
 
 
@@ -42,7 +42,7 @@ class AlignmentSpec(_Body):
     """A recipe sent in the request body (``extra_body={"alignment": ...}`` with the openai SDK)."""
 
     decoder: str | None = Field(None, description="Decoder name; omitted when `model` names a recipe.")
-    roles: dict[str, Union[str, AlignmentRoleSpec]] = Field(default_factory=dict)
+    roles: dict[str, str | AlignmentRoleSpec] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
     trace: bool = Field(False, description="Return provenance: which role wrote each span and why.")
 
@@ -131,7 +131,7 @@ class SamplingFields(_Body):
 class CompletionRequest(SamplingFields):
     """``POST /v1/completions``."""
 
-    prompt: Union[str, list[str], list[int], list[list[int]]]
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=20)
     echo: bool = False
@@ -152,7 +152,7 @@ class ChatMessage(_Body):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[dict[str, Any]], None] = None
+    content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
     def text(self) -> str:

@@ -37,7 +37,7 @@ from alignd.server.generation.plain import generate_plain
 from alignd.server.models import HostedModel
 from alignd.server.router import PlainTarget, RecipeTarget, Router
 
-__all__ = ["Serving", "Endpoint"]
+__all__ = ["Endpoint", "Serving"]
 
 Endpoint = Literal["completion", "chat"]
 
@@ -357,7 +357,7 @@ class Serving:
                 first = await events.__anext__()
             except StopAsyncIteration:
                 first = None
-            except BaseException as exc:
+            except BaseException as exc:  # noqa: BLE001 - re-raised as an API error
                 await events.aclose()
                 raise _api_error(exc) from None
             return self._stream(req, endpoint, prepared, spec, request_id, events, first)
@@ -386,7 +386,7 @@ class Serving:
                     st.prompt_logprobs = ev.prompt_logprobs
                 if ev.finish_reason:
                     st.finish_reason, st.stop_reason = ev.finish_reason, ev.stop_reason
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every failure becomes an API error
             raise _api_error(exc) from None
         model = self._output_model(prepared)
         trace = isinstance(prepared.target, RecipeTarget) and prepared.target.trace

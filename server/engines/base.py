@@ -14,17 +14,17 @@ from typing import Any, Literal
 from alignd.decoders.contract import GeneratedBlock, GenerateOp, ScoreOp, StepView, ViewSpec
 
 __all__ = [
+    "ChoiceDelta",
+    "Engine",
     "EngineError",
     "EngineUnavailable",
-    "InvalidEngineRequest",
-    "StructuredSpec",
-    "SamplingSpec",
-    "TokenLogprob",
-    "ChoiceDelta",
     "GenerationUpdate",
+    "InvalidEngineRequest",
     "ModelInfo",
-    "Engine",
+    "SamplingSpec",
     "Session",
+    "StructuredSpec",
+    "TokenLogprob",
 ]
 
 

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
-
 from alignd.decoders.contract import DecoderContext, Emit, Finish, RoleContext, SamplingOptions
 from alignd.server.engines.base import SamplingSpec, TokenLogprob
 from alignd.server.generation.events import ChoiceEvent, TraceSpan
@@ -22,7 +21,7 @@ from alignd.server.generation.executor import DecoderExecutor
 from alignd.server.models import HostedModel
 from alignd.server.router import BoundRole, RecipeTarget
 
-__all__ = ["prepare_role_prompts", "generate_composite", "grammar_store"]
+__all__ = ["generate_composite", "grammar_store", "prepare_role_prompts"]
 
 _store_lock = threading.Lock()
 _grammar_store: Any = None

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from alignd.server.engines.base import TokenLogprob
 
-__all__ = ["TraceSpan", "ChoiceEvent"]
+__all__ = ["ChoiceEvent", "TraceSpan"]
 
 
 @dataclass

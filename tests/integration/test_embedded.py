@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-
 from alignd.server.settings import default_config_path
+
 from tests.integration.conftest import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.embedded]
@@ -67,7 +67,7 @@ def test_nudging_across_tokenizers(client: openai.OpenAI) -> None:
 def _python_blocks(path: Path) -> list[str]:
     import re
 
-    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
+    return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
 @pytest.mark.parametrize("doc", ["README.md", "docs/decoders.md"])
@@ -78,5 +78,5 @@ def test_documented_examples_run_as_written(embedded_server: RunningServer, doc:
     assert blocks, f"{doc} has python examples"
     for block in blocks:
         code = block.replace("http://127.0.0.1:8000", embedded_server.base_url)
-        exec(compile(code, f"{doc} example", "exec"), {"__name__": "__doc_example__"})
+        exec(compile(code, f"{doc} example", "exec"), {"__name__": "__doc_example__"})  # noqa: S102
     assert capsys.readouterr().out.strip(), "the examples print their answers"

@@ -31,7 +31,7 @@ if __name__ == "__main__":
 
 
 def _children(pid: int) -> set[int]:
-    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True)
+    out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False)
     kids = {int(x) for x in out.stdout.split()}
     for kid in list(kids):
         kids |= _children(kid)
@@ -55,7 +55,7 @@ def test_greedy_equals_vllm_offline(alignd_server: RunningServer, openai_client:
     script.write_text(_VLLM_SCRIPT)
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     run = subprocess.run([sys.executable, str(script), str(alignd_server.paths["tiny-base"]), json.dumps(ids)],
-                         capture_output=True, text=True, timeout=600, env=env)
+                         capture_output=True, text=True, timeout=600, env=env, check=False)
     line = [x for x in run.stdout.splitlines() if x.startswith("RESULT ")]
     assert line, run.stderr[-3000:]
     expected = json.loads(line[0][7:])
@@ -90,6 +90,6 @@ def test_bad_config_fails_before_loading(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  m:\n    path: /nowhere\n    dtype: float32\n    bogus: 1\n")
     run = subprocess.run([sys.executable, "-m", "alignd.server.cli", "serve", "--config", str(bad)],
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2
     assert str(bad) in run.stderr and "models.m.bogus" in run.stderr

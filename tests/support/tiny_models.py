@@ -121,9 +121,9 @@ def ensure_tiny_models(root: Path | None = None) -> dict[str, Path]:
     stamp = root / "recipe.json"
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if stamp.exists() and json.loads(stamp.read_text()).get("version") == RECIPE_VERSION:
-            if all((p / "config.json").exists() for p in paths.values()):
-                return paths
+        built = stamp.exists() and json.loads(stamp.read_text()).get("version") == RECIPE_VERSION
+        if built and all((p / "config.json").exists() for p in paths.values()):
+            return paths
         tok_dir = root / "_tokenizer"
         shutil.rmtree(tok_dir, ignore_errors=True)
         _train_tokenizer(tok_dir)

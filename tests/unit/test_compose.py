@@ -320,7 +320,7 @@ def test_dockerfiles() -> None:
     assert "FROM python:3.11-slim" in cpu and '".[cpu,models,grammar]"' in cpu
     assert "pip uninstall -y torchvision torchaudio torchcodec" in cpu
     for text in (gpu, cpu):
-        assert re.search(r"^USER alignd$", text, re.M), "images run as a non-root user"
+        assert re.search(r"^USER alignd$", text, re.MULTILINE), "images run as a non-root user"
         assert "HEALTHCHECK" in text and "/health" in text
     assert 'ENTRYPOINT ["alignd", "serve"]' in gpu
     entrypoint = (DEPLOY / "docker" / "cpu-entrypoint.sh").read_text()

@@ -15,7 +15,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from alignd.server import model_store
 from alignd.server.model_store import (
     DEFAULT_MODELS,
