@@ -54,6 +54,12 @@ def tiny_config(paths: dict[str, Path]) -> dict[str, object]:
     common = {"dtype": "float32", "max_model_len": 4096}
     models = {name: {"path": str(path), **common} for name, path in paths.items()}
     models["tiny-reward"]["task"] = "reward"
+    # vLLM's own speculative decoding (n-gram drafts), configured per hosted model through `vllm:`.
+    models["tiny-base-ngram"] = {
+        "path": str(paths["tiny-base"]), **common,
+        "vllm": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 3,
+                                        "prompt_lookup_max": 3, "prompt_lookup_min": 1}},
+    }
     recipes: dict[str, object] = {
         "tiny-contrastive": {"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"}},
         "tiny-contrastive-spec": {

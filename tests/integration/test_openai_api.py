@@ -190,3 +190,10 @@ def test_disconnect_mid_stream_releases_the_request(alignd_server: RunningServer
             break
         time.sleep(0.2)
     assert "alignd_requests_in_flight 0.0" in text
+
+
+def test_vllm_speculative_decoding_keeps_greedy_output(openai_client: openai.OpenAI) -> None:
+    prompt = "a b c a b c a b c a b c"
+    plain = openai_client.completions.create(model="tiny-base", prompt=prompt, max_tokens=16, temperature=0)
+    spec = openai_client.completions.create(model="tiny-base-ngram", prompt=prompt, max_tokens=16, temperature=0)
+    assert spec.choices[0].text == plain.choices[0].text
