@@ -141,8 +141,8 @@ def _urial(messages: Sequence[Mapping[str, Any]]) -> str:
     for query, answer in data.examples:
         out += _urial_block(query, answer)
     pairs = _pairs(turns)
-    for i, (question, answer) in enumerate(pairs):
-        out += _urial_block(question or "", answer, closed=i < len(pairs) - 1)
+    for i, (question, reply) in enumerate(pairs):
+        out += _urial_block(question or "", reply, closed=i < len(pairs) - 1)
     return out
 
 

@@ -349,11 +349,11 @@ class GGUFConverter:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         if spec.add_bos:
             # Rebuilds the fast tokenizer's post-processor so that encode() prepends <bos>.
-            tokenizer.add_bos_token = True
+            tokenizer.add_bos_token = True  # type: ignore[misc]  # a setter in transformers 5
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         # A GGUF-loaded model keeps its quantizer and refuses save_pretrained; the tensors are already
         # dequantized, so dropping both yields a plain checkpoint.
-        model.hf_quantizer = None
+        model.hf_quantizer = None  # type: ignore[assignment]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
         model.save_pretrained(out_dir, safe_serialization=True)

@@ -132,7 +132,7 @@ def install_error_handlers(app: Any) -> None:
         if first.get("type") == "json_invalid":
             return _response(BadRequest(f"malformed JSON body: {first.get('msg')}", None, "invalid_json"))
         param = _validation_param(tuple(first.get("loc", ())))
-        msg = first.get("msg", "invalid value")
+        msg = str(first.get("msg", "invalid value"))
         return _response(BadRequest(f"{param}: {msg}" if param else msg, param))
 
     @app.exception_handler(StarletteHTTPException)

@@ -19,7 +19,7 @@ import json
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -246,7 +246,7 @@ class Serving:
 
     async def _events(
         self, request_id: str, prepared: _Prepared, spec: SamplingSpec
-    ) -> AsyncIterator[tuple[int, ChoiceEvent, list[Any] | None]]:
+    ) -> AsyncGenerator[tuple[int, ChoiceEvent, list[Any] | None], None]:
         """Events of every choice of every prompt, with the choice index made global."""
         queue: asyncio.Queue[Any] = asyncio.Queue()
         done = object()
@@ -449,7 +449,7 @@ class Serving:
         prepared: _Prepared,
         spec: SamplingSpec,
         request_id: str,
-        events: AsyncIterator[tuple[int, ChoiceEvent, Any]],
+        events: AsyncGenerator[tuple[int, ChoiceEvent, Any], None],
         first: tuple[int, ChoiceEvent, Any] | None,
     ) -> AsyncIterator[str]:
         created = int(time.time())
@@ -530,5 +530,5 @@ class Serving:
             body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.status}}
             yield f"data: {json.dumps(body)}\n\n"
         finally:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
         yield "data: [DONE]\n\n"

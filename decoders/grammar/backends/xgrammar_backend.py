@@ -19,7 +19,7 @@ COMPILER_THREADS = 2
 
 # Compact JSON, as the engine's own structured outputs are configured: small models given free whitespace
 # tend to write it until max_tokens runs out.
-_COMPACT_JSON = {"any_whitespace": False, "separators": (",", ":")}
+_COMPACT_JSON: dict[str, Any] = {"any_whitespace": False, "separators": (",", ":")}
 
 
 class XGrammarMatcher(Matcher):
