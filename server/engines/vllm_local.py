@@ -64,7 +64,7 @@ def _sampling_params(spec: SamplingSpec) -> Any:
         max_tokens=spec.max_tokens,
         temperature=spec.temperature,
         top_p=spec.top_p,
-        top_k=spec.top_k if spec.top_k > 0 else 0,
+        top_k=max(0, spec.top_k),
         min_p=spec.min_p,
         seed=spec.seed,
         stop=list(spec.stop) or None,
@@ -86,13 +86,16 @@ def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
-    kwargs: dict[str, Any] = dict(
-        max_tokens=max_tokens,
-        temperature=0.0,
-        detokenize=False,
-        flat_logprobs=True,
-        output_kind=RequestOutputKind.DELTA,
-    )
+    kwargs: dict[str, Any] = {
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+        "detokenize": False,
+        "flat_logprobs": True,
+        "output_kind": RequestOutputKind.DELTA,
+        # vLLM deep-copies the params of every streamed chunk unless told not to; alignd never mutates them
+        "skip_clone": True,
+        "extra_args": {_RAW_LOGPROBS: True},
+    }
     if want.full:
         kwargs["logprobs"] = -1
     elif want.token_ids:
@@ -101,6 +104,65 @@ def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
         kwargs["logprobs"] = max(1, want.top_k)
     kwargs.update(extra)
     return SamplingParams(**kwargs)
+
+
+# ---- log-probabilities as numpy rows --------------------------------------------------------------
+# vLLM's frontend turns every position's log-probabilities into Python lists (FlatLogprobs): for a
+# full-vocabulary view that is ~50k floats boxed one by one per step, and a session keeps them all until
+# it ends. Requests alignd marks with this flag keep each position as the numpy row the engine sent.
+_RAW_LOGPROBS = "alignd_raw_logprobs"
+_RAW_KEEP = 64  # rows a streamed (DELTA) request keeps: only the newest ones are ever read
+
+
+class _RawRow(tuple):  # type: ignore[type-arg]
+    """One position: ``(token_ids, logprobs)`` arrays, the sampled token first, then the ranked ones."""
+
+
+def _install_raw_logprobs() -> None:
+    """Make vLLM's frontend keep flagged requests' sample log-probabilities as numpy rows (idempotent)."""
+    from vllm.sampling_params import RequestOutputKind
+    from vllm.v1.engine import logprobs as vlp
+
+    base = vlp.LogprobsProcessor
+    if getattr(base, "_alignd_raw", False):
+        return
+    original = base.from_new_request.__func__  # type: ignore[attr-defined]
+
+    class RawLogprobsProcessor(base):  # type: ignore[misc, valid-type]
+        _delta = True
+
+        def _update_sample_logprobs(self, logprobs_lists: Any) -> None:
+            token_ids, logprobs, _ranks, _cu = logprobs_lists
+            n = self.num_logprobs
+            width = None if n is None or n < 0 else n + 1  # rows are as wide as the batch's widest request
+            rows = self.logprobs
+            for ids, lps in zip(token_ids, logprobs):
+                self.cumulative_logprob += float(lps[0])
+                rows.append(_RawRow((ids[:width], lps[:width])))
+            if self._delta and len(rows) > 2 * _RAW_KEEP:
+                del rows[:-_RAW_KEEP]
+
+    def from_new_request(cls: Any, tokenizer: Any, request: Any) -> Any:
+        proc = original(cls, tokenizer, request)
+        sp = request.sampling_params
+        if sp is not None and sp.extra_args and sp.extra_args.get(_RAW_LOGPROBS) and proc.logprobs is not None:
+            proc.__class__ = RawLogprobsProcessor
+            proc.logprobs = []
+            proc._delta = sp.output_kind == RequestOutputKind.DELTA
+        return proc
+
+    base.from_new_request = classmethod(from_new_request)  # type: ignore[method-assign, assignment]
+    base._alignd_raw = True  # type: ignore[attr-defined]
+
+
+def _row_view(row: _RawRow, want: ViewSpec, vocab_size: int) -> StepView:
+    ids, lps = row
+    if want.full:
+        dense = np.full(vocab_size, -np.inf)
+        inside = ids < vocab_size
+        dense[ids[inside]] = lps[inside]
+        return StepView(logprobs=dense)
+    return _position_view(ids, lps, want)
 
 
 def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> StepView:
@@ -120,6 +182,8 @@ def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> 
 
 
 def _flat_views(flat: Any, want: ViewSpec, vocab_size: int) -> list[StepView | None]:
+    if isinstance(flat, list):  # numpy rows (see _install_raw_logprobs)
+        return [_row_view(row, want, vocab_size) for row in flat]
     views: list[StepView | None] = []
     for start, end in zip(flat.start_indices, flat.end_indices):
         if start == end:
@@ -182,14 +246,14 @@ class _LocalSession(Session):
         if self._outputs is not None and context == self._context:
             await self.close()
         delta = context[len(self._context):] if self._outputs is not None else context
-        params = _view_params(want)
+        params = self._engine.session_params(want)
         # vLLM mutates the first chunk's prompt list in place (a known bug): pass a copy.
         await self._queue.put(StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(delta)), sampling_params=params))
         if self._outputs is None:
             self._outputs = self._engine.llm.generate(self._inputs(), params, self._request_id).__aiter__()
         try:
             out = await self._outputs.__anext__()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             self._outputs = None
             raise _translate(exc) from exc
         self._context = context
@@ -219,22 +283,23 @@ class LocalVLLMEngine(Engine):
         self.llm: Any = None
         self._ready = False
         self._counter = 0
+        self._session_params: dict[ViewSpec, Any] = {}
 
     def engine_args(self) -> Any:
         """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.settings
-        kwargs: dict[str, Any] = dict(
-            model=s.path,
-            dtype=s.dtype,
-            max_logprobs=s.max_logprobs,
-            disable_log_stats=True,
-            enable_prefix_caching=True,
+        kwargs: dict[str, Any] = {
+            "model": s.path,
+            "dtype": s.dtype,
+            "max_logprobs": s.max_logprobs,
+            "disable_log_stats": True,
+            "enable_prefix_caching": True,
             # Small models given JSON freedom often write whitespace until max_tokens runs out; compact JSON
             # is equally valid and ends where the model wants it to.
-            structured_outputs_config={"backend": "xgrammar", "disable_any_whitespace": True},
-        )
+            "structured_outputs_config": {"backend": "xgrammar", "disable_any_whitespace": True},
+        }
         if s.max_model_len:
             kwargs["max_model_len"] = s.max_model_len
         if s.task == "reward":
@@ -253,6 +318,7 @@ class LocalVLLMEngine(Engine):
     async def start(self) -> None:
         from vllm.v1.engine.async_llm import AsyncLLM
 
+        _install_raw_logprobs()
         args = self.engine_args()
         self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
         cfg = self.llm.model_config
@@ -287,8 +353,18 @@ class LocalVLLMEngine(Engine):
             raise EngineUnavailable(f"model {self.name!r} is not ready")
         try:
             await self.llm.check_health()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise EngineUnavailable(f"model {self.name!r} is unhealthy: {exc}") from exc
+
+    def session_params(self, want: ViewSpec) -> Any:
+        """The sampling parameters of one session step for ``want``, built once per engine (vLLM only
+        shallow-copies them, and what it adds per model, the EOS ids, is the same for every request)."""
+        params = self._session_params.get(want)
+        if params is None:
+            if len(self._session_params) >= 256:  # views of chosen ids vary per step: keep the cache small
+                self._session_params.clear()
+            params = self._session_params[want] = _view_params(want)
+        return params
 
     def _rid(self, request_id: str) -> str:
         self._counter += 1
@@ -323,7 +399,7 @@ class LocalVLLMEngine(Engine):
                 first = False
         except (asyncio.CancelledError, GeneratorExit):
             raise
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             translated = _translate(exc)
             if translated is exc:
                 raise
@@ -353,7 +429,7 @@ class LocalVLLMEngine(Engine):
                 TokensPrompt(prompt_token_ids=list(op.context)), params, self._rid(request_id)
             ):
                 pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc) from exc
         assert out is not None
         c = out.outputs[0]
@@ -382,7 +458,7 @@ class LocalVLLMEngine(Engine):
                 TokensPrompt(prompt_token_ids=list(op.context)), params, self._rid(request_id)
             ):
                 pass
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc) from exc
         assert out is not None
         prompt_views = _flat_views(out.prompt_logprobs, want, self.info.vocab_size)
@@ -406,7 +482,7 @@ class LocalVLLMEngine(Engine):
 
         try:
             return list(await asyncio.gather(*(one(i, t) for i, t in enumerate(texts))))
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             raise _translate(exc) from exc
 
 
