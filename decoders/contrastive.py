@@ -33,6 +33,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
+
 from alignd.decoders.contract import DecoderContext, RoleSpec, StepView, ViewSpec
 from alignd.decoders.token_level import (
     Scores,
@@ -42,7 +44,6 @@ from alignd.decoders.token_level import (
     TokenLevelParams,
     token_text,
 )
-from pydantic import Field
 
 __all__ = ["Contrastive", "ContrastiveParams", "ContrastiveSpeculative", "contrastive_scores"]
 
@@ -129,10 +130,47 @@ class Contrastive(TokenLevelDecoder):
     params_model: ClassVar[type[ContrastiveParams]] = ContrastiveParams
     shared_vocab: ClassVar[bool] = True
     params: ContrastiveParams
+    full_view_vocab: ClassVar[int] = 4096
+    """Up to this vocabulary size both roles send full views (cheap); above it, top-k views and :meth:`refine`."""
+    view_top_k: ClassVar[int] = 32
+    """How many of each role's most likely tokens a partial view holds."""
 
     def view_specs(self, ctx: DecoderContext) -> dict[str, ViewSpec]:
-        """Both roles' full distributions: the head and the contrast need the whole vocabulary to be exact."""
-        return {"expert": ViewSpec(full=True), "amateur": ViewSpec(full=True)}
+        """Both roles' top-k on a large vocabulary (:meth:`refine` fetches what exactness still needs),
+        their full distributions on a small one or without a plausibility constraint."""
+        vocab = ctx.roles["expert"].vocab_size if "expert" in ctx.roles else 0
+        if self.params.alpha <= 0 or vocab <= self.full_view_vocab:
+            return {"expert": ViewSpec(full=True), "amateur": ViewSpec(full=True)}
+        return {"expert": ViewSpec(top_k=self.view_top_k), "amateur": ViewSpec(top_k=self.view_top_k)}
+
+    def refine(self, step: Step, views: Mapping[str, StepView]) -> dict[str, ViewSpec]:
+        """What the top-k views lack for an exact objective: the expert's full view when its top-k may not
+        hold the whole plausible head, else the amateur's log-probabilities of head tokens it did not
+        return. Every token outside the expert's top-k is at most as likely as its last one, so the head
+        is known once that last one falls below the threshold."""
+        expert, amateur = views["expert"], views["amateur"]
+        if expert.is_full:
+            return {} if amateur.is_full else {"amateur": ViewSpec(full=True)}
+        assert expert.token_ids is not None
+        ids, lps = expert.token_ids, expert.logprobs
+        inside = ids < step.vocab_size
+        ids, lps = ids[inside], lps[inside]
+        allowed = np.ones(ids.shape, dtype=bool) if step.allowed is None else step.allowed[ids]
+        if not allowed.any() or ids.size == 0:
+            return {"expert": ViewSpec(full=True), "amateur": ViewSpec(full=True)}
+        threshold = float(np.max(lps[allowed])) + float(np.log(self.params.alpha))
+        if ids.size < step.vocab_size and float(np.min(lps)) >= threshold:
+            return {"expert": ViewSpec(full=True), "amateur": ViewSpec(full=True)}
+        head = ids[allowed & (lps >= threshold)]
+        if amateur.is_full:
+            return {}
+        have = {int(t) for t in (amateur.token_ids if amateur.token_ids is not None else ())}
+        missing = sorted({int(t) for t in head} - have)
+        if not missing:
+            return {}
+        if len(missing) > 128:
+            return {"amateur": ViewSpec(full=True)}
+        return {"amateur": ViewSpec(token_ids=tuple(missing))}
 
     def role_prefix(self, ctx: DecoderContext, role: str) -> tuple[int, ...]:
         """The amateur's prompt is cut to its last token with ``amateur_context='last_token'``."""

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from alignd.decoders.contract import (
     Decoder,
     DecoderContext,
@@ -61,7 +63,6 @@ from alignd.decoders.contract import (
 )
 from alignd.decoders.output_stream import OutputStream
 from alignd.decoders.speculative import log_softmax, sample_from, sampling_probs, speculative_step
-from pydantic import BaseModel, ConfigDict, Field
 
 __all__ = [
     "Scores",
@@ -70,6 +71,7 @@ __all__ = [
     "TokenLevelDecoder",
     "TokenLevelParams",
     "merge_view_specs",
+    "merge_views",
     "token_text",
 ]
 
@@ -155,6 +157,21 @@ def merge_view_specs(*specs: ViewSpec | None) -> ViewSpec:
     for s in present:
         ids.extend(t for t in s.token_ids if t not in ids)
     return ViewSpec(top_k=max((s.top_k for s in present), default=0), token_ids=tuple(ids))
+
+
+def merge_views(a: StepView, b: StepView) -> StepView:
+    """One view holding what ``a`` and ``b`` (two views of the same position) hold; full wins."""
+    if b.is_full:
+        return b
+    if a.is_full:
+        return a
+    assert a.token_ids is not None and b.token_ids is not None
+    ids = np.concatenate([a.token_ids, b.token_ids])
+    lps = np.concatenate([a.logprobs, b.logprobs])
+    uniq, first = np.unique(ids, return_index=True)
+    vals = lps[first]
+    order = np.argsort(-vals, kind="stable")
+    return StepView(logprobs=vals[order], token_ids=uniq[order])
 
 
 def token_text(ctx: DecoderContext, role: str, token_id: int) -> str:
@@ -247,6 +264,16 @@ class TokenLevelDecoder(Decoder):
     def extra_ops(self, step: Step, views: Mapping[str, StepView]) -> list[EngineOp]:
         """Operations that depend on the views at ``step`` (rewards of candidates, for example)."""
         return []
+
+    def refine(self, step: Step, views: Mapping[str, StepView]) -> dict[str, ViewSpec]:
+        """More of the roles' views that :meth:`scores` needs at ``step`` to be exact, given ``views``.
+
+        A decoder may ask :meth:`view_specs` for cheap partial views (the top-k) and name here, per position,
+        what else it needs (specific token ids, or the full view); the driver fetches it at the same
+        position and merges it into the views before :meth:`extra_ops` and :meth:`scores`. Empty (the
+        default): the views are enough.
+        """
+        return {}
 
     def role_prefix(self, ctx: DecoderContext, role: str) -> tuple[int, ...]:
         """What ``role`` sees before the output: its prompt by default."""
@@ -411,6 +438,10 @@ class TokenLevelDecoder(Decoder):
         results = (yield [ViewOp(role, r.context(role), r.wants[role]) for role in roles]) if roles else []
         views = dict(zip(roles, results, strict=True))
         step = Step(r.ctx, tuple(r.generated), allowed, r.vocab_size)
+        more = self.refine(step, views)
+        if more:
+            added = yield [ViewOp(role, r.context(role), want) for role, want in more.items()]
+            views.update({role: merge_views(views[role], v) for role, v in zip(more, added, strict=True)})
         extra = self.extra_ops(step, views)
         extra_results = list((yield extra)) if extra else []
         target = self._target(r, step, self.scores(step, views, extra_results))
@@ -477,6 +508,11 @@ class TokenLevelDecoder(Decoder):
             Step(r.ctx, tuple(r.generated) + tuple(tokens[:i]), masks[i], r.vocab_size)
             for i in range(len(masks))
         ]
+        wanted = [(i, role, want) for i, step in enumerate(steps) for role, want in self.refine(step, views_at[i]).items()]
+        if wanted:
+            added = yield [ViewOp(role, r.context(role, tokens[:i]), want) for i, role, want in wanted]
+            for (i, role, _), v in zip(wanted, added, strict=True):
+                views_at[i][role] = merge_views(views_at[i][role], v)
         per_position = [self.extra_ops(steps[i], views_at[i]) for i in range(len(steps))]
         flat = [op for ops_i in per_position for op in ops_i]
         flat_results = list((yield flat)) if flat else []
