@@ -61,6 +61,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+
 from alignd.decoders.contract import GeneratedBlock, GenerateOp, ScoreOp, StepView, ViewSpec
 from alignd.server.engines.base import (
     ChoiceDelta,
@@ -268,8 +269,12 @@ class _RemoteSession(Session):
 
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
         key = tuple(context)
-        if self._last is not None and self._last[0] == key and self._last[1] == want:
-            return self._last[2]
+        if self._last is not None and self._last[0] == key:
+            have_want, have = self._last[1], self._last[2]
+            if have_want == want:
+                return have
+            if have.is_full:  # asked again at the same position: the full row holds every view
+                return have if want.full else _view(dict(enumerate(have.logprobs.tolist())), want, 0)
         view = await self._engine._next_view(self._request_id, key, want)
         self._last = (key, want, view)
         return view

@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+
 from alignd.decoders.contract import GenerateOp, SamplingOptions, ScoreOp, ViewSpec
 from alignd.server.engines.base import EngineUnavailable, InvalidEngineRequest, SamplingSpec, StructuredSpec
 from alignd.server.engines.vllm_remote import RemoteOptions, RemoteVLLMEngine, parse_token_id
@@ -319,8 +320,11 @@ async def test_session_views(engine: RemoteVLLMEngine, fake: FakeVLLM) -> None:
     full = await session.view([1, 2, 3], ViewSpec(full=True))
     assert full.is_full and np.allclose(full.logprobs, [dist[t] for t in range(VOCAB)])
     assert await session.view([1, 2, 3], ViewSpec(full=True)) is full  # same step: no new request
-    top = await session.view([1, 2, 3], ViewSpec(top_k=3))
-    assert list(top.token_ids) == sorted(dist, key=lambda t: -dist[t])[:3]
+    top = await session.view([1, 2, 3], ViewSpec(top_k=3))  # derived from the full row: no new request
+    assert list(top.token_ids) == sorted(dist, key=lambda t: -dist[t])[:3] and len(fake.calls) == 1
+    nxt = _dist([1, 2, 3, 4])
+    top = await session.view([1, 2, 3, 4], ViewSpec(top_k=3))
+    assert list(top.token_ids) == sorted(nxt, key=lambda t: -nxt[t])[:3] and len(fake.calls) == 2
     chosen = await session.view([1, 2, 3], ViewSpec(token_ids=(5, 2)))
     assert fake.calls[-1][2]["logprob_token_ids"] == [2, 5] and fake.calls[-1][2]["logprobs"] == 2
     assert set(chosen.token_ids) == {2, 5} and chosen.logprob_of(5) == pytest.approx(dist[5])
