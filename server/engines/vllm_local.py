@@ -96,10 +96,11 @@ def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
         "skip_clone": True,
         "extra_args": {_RAW_LOGPROBS: True},
     }
-    if want.full:
+    if want.full or want.token_ids:
+        # Views of chosen ids come from the full row: in vLLM 0.32 one request with logprob_token_ids in an
+        # engine step gives every other request of that step its gathered ids instead of its own top-k or
+        # full row (Sampler.forward prefers them for the whole batch).
         kwargs["logprobs"] = -1
-    elif want.token_ids:
-        kwargs["logprob_token_ids"] = sorted(set(want.token_ids))
     else:
         kwargs["logprobs"] = max(1, want.top_k)
     kwargs.update(extra)
@@ -132,13 +133,14 @@ def _install_raw_logprobs() -> None:
         _delta = True
 
         def _update_sample_logprobs(self, logprobs_lists: Any) -> None:
+            # Rows are kept whole: their width is the widest request's in the engine step, and a session's
+            # chunks may each ask for a different view (vLLM's own processor cuts every row to the width
+            # its first chunk asked for).
             token_ids, logprobs, _ranks, _cu = logprobs_lists
-            n = self.num_logprobs
-            width = None if n is None or n < 0 else n + 1  # rows are as wide as the batch's widest request
             rows = self.logprobs
             for ids, lps in zip(token_ids, logprobs):
                 self.cumulative_logprob += float(lps[0])
-                rows.append(_RawRow((ids[:width], lps[:width])))
+                rows.append(_RawRow((ids, lps)))
             if self._delta and len(rows) > 2 * _RAW_KEEP:
                 del rows[:-_RAW_KEEP]
 
@@ -157,12 +159,45 @@ def _install_raw_logprobs() -> None:
 
 def _row_view(row: _RawRow, want: ViewSpec, vocab_size: int) -> StepView:
     ids, lps = row
-    if want.full:
+    if want.full or want.token_ids:  # asked for as full rows (see _view_params)
         dense = np.full(vocab_size, -np.inf)
         inside = ids < vocab_size
         dense[ids[inside]] = lps[inside]
-        return StepView(logprobs=dense)
-    return _position_view(ids, lps, want)
+        full = StepView(logprobs=dense)
+        if want.full:
+            return full
+        derived = _derive_view(ViewSpec(full=True), full, want)
+        assert derived is not None
+        return derived
+    k = max(1, want.top_k)
+    return _position_view(ids[: k + 1], lps[: k + 1], want)  # the sampled token, then the ranked ones
+
+
+def _derive_view(have_want: ViewSpec, have: StepView, want: ViewSpec) -> StepView | None:
+    """``want`` at a position from the view already fetched there for ``have_want``, if it holds it."""
+    if want == have_want:
+        return have
+    if have.token_ids is None:  # the full distribution holds every view
+        if want.full:
+            return have
+        ids = np.asarray(sorted(set(want.token_ids)), dtype=np.int64)
+        if want.top_k:
+            top = np.argsort(-have.logprobs, kind="stable")[: want.top_k]
+            ids = np.union1d(ids, top)
+        ids = ids[ids < have.logprobs.shape[0]]
+        vals = have.logprobs[ids]
+        order = np.argsort(-vals, kind="stable")
+        return StepView(logprobs=vals[order], token_ids=ids[order])
+    if want.full or (want.top_k and (have_want.token_ids or want.top_k > have_want.top_k)):
+        return None
+    index = {int(t): i for i, t in enumerate(have.token_ids)}
+    if any(int(t) not in index for t in want.token_ids):
+        return None
+    keep = sorted({index[int(t)] for t in want.token_ids} | set(range(min(want.top_k, len(index)))))
+    sel = np.asarray(keep, dtype=np.int64)
+    vals, ids = have.logprobs[sel], have.token_ids[sel]
+    order = np.argsort(-vals, kind="stable")
+    return StepView(logprobs=vals[order], token_ids=ids[order])
 
 
 def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> StepView:
@@ -225,6 +260,7 @@ class _LocalSession(Session):
         self._outputs: AsyncIterator[Any] | None = None
         self._context: list[int] = []
         self._last: tuple[ViewSpec, StepView] | None = None
+        self._opened_with = 0
 
     async def _inputs(self) -> AsyncIterator[Any]:
         while True:
@@ -241,15 +277,20 @@ class _LocalSession(Session):
         n = len(self._context)
         if self._outputs is not None and (len(context) < n or context[:n] != self._context):
             await self.close()  # the context diverged: start over (the prefix cache keeps most of it)
-        if self._outputs is not None and context == self._context and self._last and self._last[0] == want:
-            return self._last[1]
-        if self._outputs is not None and context == self._context:
-            await self.close()
+        if self._outputs is not None and context == self._context and self._last:
+            # asked again at the position it holds: from the view it has, else by a one-off request that
+            # leaves the session where it is
+            derived = _derive_view(self._last[0], self._last[1], want)
+            if derived is not None:
+                return derived
+            block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))
+            return block.views[0]
         delta = context[len(self._context):] if self._outputs is not None else context
         params = self._engine.session_params(want)
         # vLLM mutates the first chunk's prompt list in place (a known bug): pass a copy.
         await self._queue.put(StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(delta)), sampling_params=params))
         if self._outputs is None:
+            self._opened_with = len(context)
             self._outputs = self._engine.llm.generate(self._inputs(), params, self._request_id).__aiter__()
         try:
             out = await self._outputs.__anext__()
@@ -262,6 +303,16 @@ class _LocalSession(Session):
         assert view is not None
         self._last = (want, view)
         return view
+
+    @property
+    def context(self) -> tuple[int, ...] | None:
+        """The tokens the open session holds (``None`` when closed)."""
+        return tuple(self._context) if self._outputs is not None else None
+
+    @property
+    def appended(self) -> int:
+        """How many tokens were appended after the context the session opened with."""
+        return len(self._context) - self._opened_with if self._outputs is not None else 0
 
     async def close(self) -> None:
         outputs, self._outputs = self._outputs, None

@@ -8,7 +8,11 @@ The order of one decoder step, as it runs here:
 3. the operations run concurrently (``asyncio.gather``): every :class:`ViewOp` goes to the open session of
    its role (vLLM streaming input: the KV cache stays, only new tokens are sent), :class:`GenerateOp` and
    :class:`ScoreOp` become native vLLM requests, :class:`RewardOp` a pooling request; operations of all
-   live requests meet in vLLM's scheduler, which batches them;
+   live requests meet in vLLM's scheduler, which batches them. When a batch of views advances some roles
+   by the same tokens while other sessions of the run stand at the same output position (a decoder that
+   asks those roles later in the step, as ARGS asks its reward roles about the base's candidates), those
+   sessions are advanced in the same engine step with a broad view (full on a small vocabulary, top-128
+   otherwise); the later view is answered from it when it holds what is asked;
 4. back to 1, until the generator returns :class:`Finish`; sessions are closed however the run ends.
 """
 
@@ -27,10 +31,14 @@ from alignd.decoders.contract import (
     RewardOp,
     ScoreOp,
     ViewOp,
+    ViewSpec,
 )
 from alignd.server.engines.base import Engine, Session
 
 __all__ = ["DecoderExecutor"]
+
+_FULL_PREFETCH_VOCAB = 4096  # up to this vocabulary size a prefetched view is the full distribution
+_PREFETCH_TOP_K = 128
 
 
 class DecoderExecutor:
@@ -46,6 +54,7 @@ class DecoderExecutor:
         self.engines = engines
         self.request_id = request_id
         self._sessions: dict[str, Session] = {}
+        self._prefetch: dict[str, tuple[tuple[int, ...], asyncio.Task[Any]]] = {}
         self._format_reward_pair = format_reward_pair or (lambda _role, p, r: p + r)
         self._on_op = on_op
 
@@ -54,6 +63,10 @@ class DecoderExecutor:
         if self._on_op is not None:
             self._on_op(op.role, type(op).__name__)
         if isinstance(op, ViewOp):
+            pre = self._prefetch.pop(op.role, None)
+            if pre is not None:
+                # a failed prefetch is not this op's failure: the view below asks again and reports its own
+                await asyncio.gather(pre[1], return_exceptions=True)
             session = self._sessions.get(op.role)
             if session is None:
                 session = self._sessions[op.role] = engine.open_session(f"{self.request_id}-{op.role}")
@@ -66,6 +79,35 @@ class DecoderExecutor:
             texts = [self._format_reward_pair(op.role, p, r) for p, r in op.pairs]
             return await engine.reward(self.request_id, texts)
         raise TypeError(f"unknown engine operation {op!r}")
+
+    def _start_prefetch(self, ops: list[EngineOp]) -> None:
+        """Advance idle sessions that stand where the batch's roles stand by the batch's new tokens."""
+        if not ops or not all(isinstance(op, ViewOp) for op in ops):
+            return
+        deltas: set[tuple[int, ...]] = set()
+        positions: set[tuple[int, tuple[int, ...]]] = set()
+        for op in ops:
+            held = getattr(self._sessions.get(op.role), "context", None)
+            if held is None or len(op.context) <= len(held) or tuple(op.context[: len(held)]) != held:
+                return
+            appended = self._sessions[op.role].appended  # type: ignore[attr-defined]
+            deltas.add(tuple(op.context[len(held):]))
+            positions.add((appended, held[len(held) - appended:]))
+        if len(deltas) != 1 or len(positions) != 1:
+            return
+        (delta,), (position,) = deltas, positions
+        asked = {op.role for op in ops}
+        for role, session in self._sessions.items():
+            held = getattr(session, "context", None)
+            if role in asked or role in self._prefetch or held is None:
+                continue
+            appended = session.appended  # type: ignore[attr-defined]
+            if (appended, held[len(held) - appended:]) != position:
+                continue
+            vocab = self.engines[role].info.vocab_size
+            want = ViewSpec(full=True) if vocab <= _FULL_PREFETCH_VOCAB else ViewSpec(top_k=_PREFETCH_TOP_K)
+            context = held + delta
+            self._prefetch[role] = (context, asyncio.ensure_future(session.view(context, want)))
 
     async def run(self, run: DecoderRun) -> AsyncIterator[Emit | Finish]:
         """Drive ``run`` to the end, yielding its emits and finally its :class:`Finish`."""
@@ -83,12 +125,17 @@ class DecoderExecutor:
                     yield item
                     continue
                 ops = list(item)
+                self._start_prefetch(ops)
                 if len(ops) == 1:
                     send = [await self._run_op(ops[0])]
                 else:
                     send = list(await asyncio.gather(*(self._run_op(op) for op in ops)))
         finally:
             run.close()
+            for _, task in self._prefetch.values():
+                task.cancel()
+            await asyncio.gather(*(t for _, t in self._prefetch.values()), return_exceptions=True)
+            self._prefetch.clear()
             sessions, self._sessions = self._sessions, {}
             for session in sessions.values():
                 await session.close()
