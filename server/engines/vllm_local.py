@@ -371,7 +371,15 @@ class LocalVLLMEngine(Engine):
 
         _install_raw_logprobs()
         args = self.engine_args()
-        self.llm = await asyncio.to_thread(AsyncLLM.from_engine_args, args)
+        building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+        try:
+            self.llm = await asyncio.shield(building)
+        except asyncio.CancelledError:
+            # Shut down while loading: the engine core is a separate process, so an engine that finishes
+            # building after the cancellation must still be stopped or it outlives the server.
+            llm = await building
+            await asyncio.to_thread(llm.shutdown)
+            raise
         cfg = self.llm.model_config
         eos: set[int] = set()
         gen_cfg = getattr(cfg, "hf_config", None)

@@ -93,3 +93,37 @@ def test_bad_config_fails_before_loading(tmp_path: Path) -> None:
                          capture_output=True, text=True, timeout=120, check=False)
     assert run.returncode == 2
     assert str(bad) in run.stderr and "models.m.bogus" in run.stderr
+
+
+def test_sigterm_while_loading_leaves_no_engine_behind(tiny_paths: dict[str, Path], tmp_path: Path) -> None:
+    config = {"models": {name: {"path": str(tiny_paths[name]), "dtype": "float32", "max_model_len": 512}
+                         for name in ("tiny-base", "tiny-chat")}, "kv_cache_gib": 0.25}
+    config_path = tmp_path / "alignd.yaml"
+    import yaml
+
+    config_path.write_text(yaml.safe_dump(config))
+    from tests.integration.conftest import free_port
+
+    log = open(tmp_path / "server.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "alignd.server.cli", "serve", "--config", str(config_path),
+                             "--port", str(free_port())], stdout=log, stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not seen:
+            seen |= _children(proc.pid)
+            time.sleep(0.2)
+        assert seen, "the first engine started"
+        proc.send_signal(signal.SIGTERM)  # the second model has not loaded yet
+        while proc.poll() is None and time.monotonic() < deadline:
+            seen |= _children(proc.pid)
+            time.sleep(0.2)
+        assert proc.returncode is not None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and any(_alive(k) for k in seen):
+        time.sleep(0.5)
+    assert not [k for k in seen if _alive(k)], (tmp_path / "server.log").read_text()[-2000:]
