@@ -118,7 +118,7 @@ class SuiteBench:
 
     async def warm(self, recipe: RecipeInfo) -> None:
         """One short request, so start-up costs do not land in a measurement."""
-        res = await self.composite(recipe, INSTRUCTION_WARM, 8)
+        res = await self.composite(recipe, INSTRUCTION_WARM, 24)
         await self.floor(recipe, INSTRUCTION_WARM, res)
 
     async def single(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int) -> Ratio:
@@ -241,7 +241,7 @@ def _shares(results: list[load.Result]) -> dict[str, float]:
     return {role: round(c / total, 3) for role, c in counts.items()}
 
 
-INSTRUCTION_WARM = "Say hello."
+INSTRUCTION_WARM = "Say hello and tell me one thing about the weather."
 SOAK_PROMPTS = [
     "Name a fruit and describe its taste.",
     "What does a librarian do?",
