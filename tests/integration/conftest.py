@@ -7,6 +7,7 @@ One server process starts per test session (``alignd_server``); tests drive it w
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -119,12 +120,14 @@ def start_server(config: dict[str, object], workdir: Path, extra_args: list[str]
     cmd = [sys.executable, "-m", "alignd.server.cli", "serve", "--config", str(config_path),
            "--port", str(port), "--log-level", "warning", *(extra_args or [])]
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env)
+        # Its own process group, so a kill on failure takes the engine processes with it.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO_ROOT, env=env,
+                                start_new_session=True)
     base_url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(base_url, proc, log_path, STARTUP_TIMEOUT_S)
     except BaseException:
-        proc.kill()
+        _kill_group(proc)
         raise
     models = {"base": "tiny-base", "chat": "tiny-chat", "amateur": "tiny-amateur", "reward": "tiny-reward"}
     return RunningServer(base_url, models, list(config.get("recipes") or {}), config_path, log_path, proc)
@@ -136,8 +139,16 @@ def stop_server(server: RunningServer) -> int:
     try:
         return server.process.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        server.process.kill()
+        _kill_group(server.process)
         return -9
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 @pytest.fixture(scope="session")
