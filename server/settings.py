@@ -74,8 +74,13 @@ class ModelSettings(_Strict):
 
     @model_validator(mode="after")
     def _remote_needs_url(self) -> ModelSettings:
-        if self.engine == "remote" and not self.url:
-            raise ValueError("a remote engine needs `url` (the vLLM server's base URL)")
+        if self.engine == "remote":
+            if not self.url:
+                raise ValueError("a remote engine needs `url` (the vLLM server's base URL)")
+            # A remote model's `vllm:` map holds client options; check them now, not when the engine starts.
+            from alignd.server.engines.vllm_remote import RemoteOptions
+
+            RemoteOptions.from_mapping(self.vllm)
         return self
 
 

@@ -155,3 +155,14 @@ def test_serve_with_a_bad_config_exits_2_before_loading_models(tmp_path: Path) -
     assert "recipes.r.roles.amateur: unknown model 'ghost'" in proc.stderr
     assert "starting model" not in proc.stderr and "Uvicorn running" not in proc.stderr
     assert proc.stdout == ""
+
+
+def test_remote_client_options_are_checked_at_load(tmp_path: Path) -> None:
+    from alignd.server.settings import ConfigError, load_settings
+
+    bad = tmp_path / "remote.yaml"
+    bad.write_text('models:\n  m: {path: /x, engine: remote, url: "http://h:1/v1", vllm: {tensor_parallel_size: 2}}\n')
+    with pytest.raises(ConfigError) as info:
+        load_settings(bad)
+    assert str(bad) in str(info.value) and "models.m" in str(info.value)
+    assert "tensor_parallel_size" in str(info.value)
