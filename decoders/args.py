@@ -34,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field
+
 from alignd.decoders.contract import (
     DecoderContext,
     DecoderError,
@@ -61,7 +63,6 @@ from alignd.decoders.token_level import (
     TokenLevelParams,
     token_text,
 )
-from pydantic import Field
 
 __all__ = ["ARGS", "ARGSParams", "ARGSSpeculative"]
 

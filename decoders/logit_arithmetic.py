@@ -22,6 +22,8 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import ConfigDict, Field
+
 from alignd.decoders.contract import DecoderContext, RoleSpec, StepView, ViewSpec
 from alignd.decoders.token_level import (
     Scores,
@@ -31,7 +33,6 @@ from alignd.decoders.token_level import (
     TokenLevelParams,
     token_text,
 )
-from pydantic import ConfigDict, Field
 
 __all__ = ["LogitArithmetic", "LogitArithmeticParams", "LogitArithmeticSpeculative", "arithmetic_scores"]
 

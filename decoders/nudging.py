@@ -72,6 +72,8 @@ from collections.abc import Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from pydantic import Field
+
 from alignd.decoders.contract import (
     Decoder,
     DecoderContext,
@@ -91,7 +93,6 @@ from alignd.decoders.contract import (
     Tokenizer,
     ViewSpec,
 )
-from pydantic import Field
 
 __all__ = ["Nudging", "NudgingParams", "is_word_start"]
 

@@ -21,10 +21,11 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from pydantic import Field
+
 from alignd.decoders.contract import DecoderContext, DecoderParams, RoleSpec, StepView, ViewSpec
 from alignd.decoders.prompts import format_stop_strings
 from alignd.decoders.token_level import Scores, SpeculativeParams, Step, TokenLevelDecoder, token_text
-from pydantic import Field
 
 __all__ = ["URIAL", "URIAL_STOP_STRINGS", "URIALParams"]
 

@@ -13,6 +13,11 @@ from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any, TypeVar
 
+from fastapi import FastAPI, Request
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ValidationError
+
 from alignd.server.api.errors import (
     APIError,
     BadRequest,
@@ -35,10 +40,6 @@ from alignd.server.metrics import Metrics
 from alignd.server.models import ModelPool
 from alignd.server.router import Router
 from alignd.server.settings import Settings
-from fastapi import FastAPI, Request
-from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ValidationError
 
 __all__ = ["create_app"]
 

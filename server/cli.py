@@ -34,6 +34,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 def serve_command(args: argparse.Namespace) -> int:
     """Load the configuration (failing before any model loads if it is bad) and run the server."""
     import uvicorn
+
     from alignd.server.app import create_app
     from alignd.server.settings import ConfigError, load_settings
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ValidationError
+
 from alignd.server.api.errors import BadRequest, NotFound
 from alignd.server.api.protocol import AlignmentRoleSpec, AlignmentSpec
 from alignd.server.models import HostedModel, ModelPool
 from alignd.server.settings import RoleBinding
-from pydantic import ValidationError
 
 __all__ = ["BoundRole", "PlainTarget", "RecipeTarget", "Router"]
 

@@ -34,6 +34,7 @@ from collections import OrderedDict
 from collections.abc import Hashable, Iterable, Sequence
 
 import numpy as np
+
 from alignd.decoders.grammar.backends.base import Matcher
 from alignd.decoders.grammar.constraint import MaskConstraint
 

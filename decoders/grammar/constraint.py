@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import numpy as np
+
 from alignd.decoders.contract import DecoderError
 from alignd.decoders.grammar.backends.base import Matcher
 

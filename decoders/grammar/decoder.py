@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any, ClassVar, Literal
 
 import numpy as np
+from pydantic import Field, model_validator
+
 from alignd.decoders.contract import (
     Decoder,
     DecoderContext,
@@ -33,7 +35,6 @@ from alignd.decoders.grammar.spec import GrammarSpec
 from alignd.decoders.grammar.vocab import GrammarVocab
 from alignd.decoders.output_stream import OutputStream
 from alignd.decoders.speculative import log_softmax, sample_from, sampling_probs
-from pydantic import Field, model_validator
 
 __all__ = ["MAX_TOKEN_IDS_VIEW", "GrammarAligned", "GrammarParams", "choose_token"]
 

@@ -6,8 +6,9 @@ import json
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from alignd.decoders.contract import DecoderError
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from alignd.decoders.contract import DecoderError
 
 __all__ = ["GrammarKind", "GrammarMode", "GrammarSpec"]
 

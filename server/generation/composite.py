@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import numpy as np
+
 from alignd.decoders.contract import DecoderContext, Emit, Finish, RoleContext, SamplingOptions
 from alignd.server.engines.base import SamplingSpec, TokenLogprob
 from alignd.server.generation.events import ChoiceEvent, TraceSpan

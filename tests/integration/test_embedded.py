@@ -9,8 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 import yaml
-from alignd.server.settings import default_config_path
 
+from alignd.server.settings import default_config_path
 from tests.integration.conftest import RunningServer, start_server, stop_server
 
 pytestmark = [pytest.mark.engine, pytest.mark.embedded]

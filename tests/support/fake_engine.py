@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from alignd.decoders.contract import GeneratedBlock, GenerateOp, SamplingOptions, ScoreOp, StepView, ViewSpec
 from alignd.decoders.speculative import sample_from, sampling_probs
 from alignd.server.engines.base import (
@@ -46,7 +47,6 @@ from alignd.server.engines.base import (
     Session,
     TokenLogprob,
 )
-
 from tests.support.fake_models import FakeModel, make_view, random_model
 
 __all__ = ["FakeEngine", "FakeSession", "load_tokenizer"]

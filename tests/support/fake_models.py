@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+
 from alignd.decoders.contract import (
     Decoder,
     DecoderContext,

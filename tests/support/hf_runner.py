@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from alignd.decoders.contract import Decoder, DecoderContext
 
+from alignd.decoders.contract import Decoder, DecoderContext
 from tests.support.fake_models import ContractExecutor, RunResult
 
 __all__ = [

@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+
 from alignd.server import model_store
 from alignd.server.model_store import (
     DEFAULT_MODELS,

@@ -8,6 +8,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from alignd.decoders.contract import DecoderError
 
 if TYPE_CHECKING:

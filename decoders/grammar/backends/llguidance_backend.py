@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from alignd.decoders.contract import DecoderError
 from alignd.decoders.grammar.backends.base import GrammarBackend, Matcher, choice_ebnf, unpack_bitmask
 

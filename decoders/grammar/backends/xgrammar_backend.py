@@ -6,6 +6,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from alignd.decoders.grammar.backends.base import GrammarBackend, Matcher, choice_ebnf, unpack_bitmask
 
 if TYPE_CHECKING:

@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from alignd.client import _client
 
 Reply = httpx.Response | Exception | Callable[[httpx.Request], httpx.Response]

@@ -6,6 +6,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from alignd.client import (
     AlignError,
     APIConnectionError,

@@ -8,6 +8,7 @@ from email.utils import format_datetime
 
 import httpx
 import pytest
+
 from alignd.client import RetryPolicy
 from alignd.client._config import parse_retry_after, resolve_base_url, resolve_timeout
 

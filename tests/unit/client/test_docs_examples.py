@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from alignd.client import cli
 
 DOC = Path(__file__).resolve().parents[3] / "docs" / "sdk.md"

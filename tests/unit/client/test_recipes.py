@@ -6,6 +6,8 @@ import importlib.util
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
+
 from alignd.client import (
     ARGS,
     URIAL,
@@ -18,7 +20,6 @@ from alignd.client import (
     Role,
     Speculative,
 )
-from pydantic import ValidationError
 
 
 def test_nudging_sends_roles_and_only_the_params_given() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+
 from alignd.client import (
     APIConnectionError,
     APIResponseError,

@@ -7,12 +7,12 @@ from typing import Any
 
 import numpy as np
 import pytest
-from alignd.decoders.args import ARGS
-from alignd.decoders.contract import DecoderError, RewardOp, SamplingOptions, ViewOp
-from alignd.decoders.rewards import log_sigmoid
 from pydantic import ValidationError
 from scipy.stats import chisquare
 
+from alignd.decoders.args import ARGS
+from alignd.decoders.contract import DecoderError, RewardOp, SamplingOptions, ViewOp
+from alignd.decoders.rewards import log_sigmoid
 from tests.reference import args_ref
 from tests.reference.common import numpy_model, sequence_distribution
 from tests.support.fake_models import CharTokenizer, ContractExecutor, make_context, random_model

@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from alignd.decoders.contract import SamplingOptions, ViewOp
-from alignd.decoders.contrastive import Contrastive
 from pydantic import ValidationError
 from scipy.stats import chisquare
 
+from alignd.decoders.contract import SamplingOptions, ViewOp
+from alignd.decoders.contrastive import Contrastive
 from tests.reference import contrastive_ref
 from tests.reference.common import numpy_model, sequence_distribution
 from tests.support.fake_models import CharTokenizer, ContractExecutor, make_context, random_model, table_model

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+
 from alignd.decoders.contract import (
     DecoderContext,
     DecoderError,
@@ -26,7 +27,6 @@ from alignd.decoders.grammar import (
 )
 from alignd.decoders.grammar.decoder import MAX_TOKEN_IDS_VIEW, GrammarAligned
 from alignd.decoders.registry import get_decoder_class
-
 from tests.support.fake_models import ContractExecutor, FakeModel
 
 # ---- small fakes: a token-list tokenizer and context-hashed random models --------------------------------

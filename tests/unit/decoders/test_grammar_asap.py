@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 import pytest
+
 from alignd.decoders.contract import (
     DecoderContext,
     Emit,
@@ -283,7 +284,6 @@ def test_asap_wraps_a_token_level_decoder_and_converges() -> None:
     (This needs the driver to take the end-of-sequence step once the grammar is complete, which the
     ASAp constraint asks for by not reporting itself terminated before EOS.)"""
     from alignd.decoders.logit_arithmetic import LogitArithmetic
-
     from tests.support.fake_models import ContractExecutor, FakeModel, make_context
 
     model = random_model(MODEL_SEED)
@@ -314,7 +314,6 @@ def test_asap_wraps_a_token_level_decoder_and_converges() -> None:
 def test_grammar_wraps_speculative_blocks() -> None:
     """A plain constraint through the driver's draft-and-verify path: rollbacks keep it consistent."""
     from alignd.decoders.logit_arithmetic import LogitArithmetic
-
     from tests.support.fake_models import ContractExecutor, FakeModel, make_context
 
     models = {

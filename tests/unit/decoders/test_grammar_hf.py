@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from alignd.decoders.contract import DecoderContext, RoleContext, SamplingOptions
 from alignd.decoders.grammar import BACKENDS, GrammarSpec, GrammarVocab, build_grammar
 from alignd.decoders.grammar.decoder import GrammarAligned
-
 from tests.reference.grammar_reference import GrammarReference
 from tests.support.fake_models import CharTokenizer, ContractExecutor, RunResult
 from tests.support.hf_runner import HFModel, HFTokenizer, logits_fn, tiny_causal_lm

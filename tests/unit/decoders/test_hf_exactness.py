@@ -8,10 +8,10 @@ from typing import Any
 
 import pytest
 import torch
+
 from alignd.decoders.args import ARGS
 from alignd.decoders.contrastive import Contrastive
 from alignd.decoders.logit_arithmetic import LogitArithmetic
-
 from tests.reference import args_ref, contrastive_ref, logit_arithmetic_ref
 from tests.support.fake_models import CharTokenizer, make_context
 from tests.support.hf_runner import (

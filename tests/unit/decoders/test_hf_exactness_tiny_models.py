@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 import torch
+
 from alignd.decoders.args import ARGS
 from alignd.decoders.contrastive import Contrastive
 from alignd.decoders.logit_arithmetic import LogitArithmetic
 from alignd.decoders.prompts import build_prompt
-
 from tests.reference import args_ref, contrastive_ref, logit_arithmetic_ref
 from tests.support.fake_models import make_context
 from tests.support.hf_runner import HFModel, HFReward, HFTokenizer, logits_fn, raw_logits_fn, run_with_hf

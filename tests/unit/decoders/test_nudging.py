@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import pytest
 import torch
+
 from alignd.decoders.contract import (
     DecoderContext,
     DecoderError,
@@ -19,7 +20,6 @@ from alignd.decoders.contract import (
 )
 from alignd.decoders.nudging import Nudging, is_word_start
 from alignd.decoders.registry import get_decoder_class
-
 from tests.reference.nudging_reference import RefRole, nudging_reference
 from tests.support.fake_models import ContractExecutor, FakeModel, RunResult
 

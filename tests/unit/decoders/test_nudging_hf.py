@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+
 from alignd.decoders.contract import DecoderContext, RoleContext, SamplingOptions
 from alignd.decoders.nudging import Nudging
 from alignd.decoders.prompts import build_prompt
-
 from tests.reference.nudging_reference import RefRole, nudging_reference
 from tests.support.fake_models import CharTokenizer, ContractExecutor, RunResult
 from tests.support.hf_runner import HFModel, HFTokenizer, tiny_causal_lm

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from alignd.decoders.output_stream import OutputStream
-
 from tests.support.fake_models import CharTokenizer
 
 

@@ -8,10 +8,10 @@ from typing import Any
 import numpy as np
 import pytest
 import tomllib
+
 from alignd.decoders.contract import DecoderError, GenerateOp, SamplingOptions, ViewOp
 from alignd.decoders.prompts import build_prompt, format_stop_strings, prompt_format_names, urial_data
 from alignd.decoders.urial import URIAL
-
 from tests.support.fake_models import CharTokenizer, ContractExecutor, FakeModel, make_context
 
 REPO = Path(__file__).resolve().parents[3]

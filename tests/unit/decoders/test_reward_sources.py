@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from pydantic import TypeAdapter, ValidationError
+
 from alignd.decoders.rewards import (
     Candidates,
     ImplicitReward,
@@ -16,7 +18,6 @@ from alignd.decoders.rewards import (
     log_sigmoid,
     rule_rewards,
 )
-from pydantic import TypeAdapter, ValidationError
 
 
 def test_rules_keywords_regex_and_length() -> None:

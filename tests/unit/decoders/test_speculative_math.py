@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.stats import chisquare
+
 from alignd.decoders.speculative import (
     log_softmax,
     residual_probs,
@@ -11,7 +13,6 @@ from alignd.decoders.speculative import (
     sampling_probs,
     speculative_step,
 )
-from scipy.stats import chisquare
 
 
 def _chi2_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:

@@ -7,6 +7,9 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 import pytest
+from pydantic import Field, ValidationError
+from scipy.stats import chisquare
+
 from alignd.decoders.contract import (
     DecoderContext,
     DecoderError,
@@ -20,9 +23,6 @@ from alignd.decoders.contract import (
     ViewSpec,
 )
 from alignd.decoders.token_level import Scores, SpeculativeParams, Step, TokenLevelDecoder, TokenLevelParams
-from pydantic import Field, ValidationError
-from scipy.stats import chisquare
-
 from tests.support.fake_models import CharTokenizer, ContractExecutor, FakeModel, make_context, random_model
 
 V = 12

@@ -17,10 +17,10 @@ from typing import Any
 
 import httpx
 import pytest
-from alignd.server.app import create_app
-from alignd.server.settings import Settings
 from fastapi import FastAPI
 
+from alignd.server.app import create_app
+from alignd.server.settings import Settings
 from tests.support.fake_engine import FakeEngine
 from tests.support.tiny_models import ensure_tiny_models
 

@@ -7,9 +7,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from alignd.decoders.contract import GenerateOp, SamplingOptions, ScoreOp, ViewSpec
 from alignd.server.engines.base import EngineUnavailable, InvalidEngineRequest, SamplingSpec
-
 from tests.support.fake_engine import FakeEngine
 
 PROMPT = [3, 17, 42]

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from alignd.server.settings import ConfigError, load_settings
 
+from alignd.server.settings import ConfigError, load_settings
 from tests.support.tiny_models import REPO_ROOT
 
 

@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 import pytest
+
 from alignd.server.app import create_app
 
 CONTRASTIVE = {"decoder": "contrastive", "roles": {"expert": "tiny-base", "amateur": "tiny-amateur"}}

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import httpx
+
 from alignd.client._config import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,

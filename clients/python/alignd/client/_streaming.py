@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
+
 from alignd.client._exceptions import (
     AlignError,
     APIConnectionError,

@@ -47,6 +47,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any, TextIO
 
 import httpx
+
 from alignd.client._client import Client, RecipeLike
 from alignd.client._config import API_KEY_ENV, BASE_URL_ENV, DEFAULT_MAX_RETRIES
 from alignd.client._exceptions import AlignError
