@@ -28,10 +28,7 @@ class Result:
 
 def client(api_url: str, timeout: float = 600) -> openai.AsyncOpenAI:
     """An AsyncOpenAI client for a local server, without retries (errors must surface)."""
-    return openai.AsyncOpenAI(
-        base_url=api_url, api_key="unused", max_retries=0, timeout=timeout,
-        http_client=openai.DefaultAsyncHttpxClient(limits=httpx.Limits(max_connections=64)),
-    )
+    return openai.AsyncOpenAI(base_url=api_url, api_key="unused", max_retries=0, timeout=timeout)
 
 
 def _trace_ids(trace: dict[str, Any] | None) -> list[int]:
