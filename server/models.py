@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from functools import cached_property
 
 from alignd.server.api.errors import NotFound, ServiceUnavailable
 from alignd.server.engines.base import Engine
@@ -30,7 +31,7 @@ class HostedModel:
         """A base model has no chat template of its own; chat requests use its plain prompt format."""
         return not self.tokenizer.has_chat_template
 
-    @property
+    @cached_property
     def vocab_signature(self) -> tuple[int, int]:
         """What must match for two models to share a vocabulary: size and a hash of the token map."""
         vocab = self.tokenizer.hf.get_vocab()

@@ -20,6 +20,7 @@ import math
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ from alignd.server.engines.base import (
 )
 from alignd.server.generation.events import ChoiceEvent, TraceSpan
 from alignd.server.generation.plain import generate_plain
+from alignd.server.generation.streams import merge_streams
 from alignd.server.models import HostedModel
 from alignd.server.router import PlainTarget, RecipeTarget, Router
 
@@ -248,20 +250,8 @@ class Serving:
         self, request_id: str, prepared: _Prepared, spec: SamplingSpec
     ) -> AsyncGenerator[tuple[int, ChoiceEvent, list[Any] | None], None]:
         """Events of every choice of every prompt, with the choice index made global."""
-        queue: asyncio.Queue[Any] = asyncio.Queue()
-        done = object()
         n = spec.n
-
-        async def pump(p_index: int, it: AsyncIterator[ChoiceEvent]) -> None:
-            try:
-                async for event in it:
-                    await queue.put((p_index, event))
-            except BaseException as exc:  # noqa: BLE001
-                await queue.put(exc)
-                return
-            await queue.put(done)
-
-        tasks = []
+        streams: list[AsyncIterator[ChoiceEvent]] = []
         for i, prompt_ids in enumerate(prepared.prompts):
             if isinstance(prepared.target, PlainTarget):
                 it = generate_plain(prepared.target.model, f"{request_id}-{i}", prompt_ids, spec)
@@ -273,23 +263,11 @@ class Serving:
                     prepared.target, f"{request_id}-{i}", spec,
                     messages=prepared.messages, prompt=raw, metrics=self.metrics,
                 )
-            tasks.append(asyncio.create_task(pump(i, it)))
-        remaining = len(tasks)
-        try:
-            while remaining:
-                item = await queue.get()
-                if item is done:
-                    remaining -= 1
-                    continue
-                if isinstance(item, BaseException):
-                    raise item
-                p_index, event = item
+            streams.append(it)
+        async with aclosing(merge_streams(streams)) as merged:
+            async for p_index, event in merged:
                 event.index = p_index * n + event.index
                 yield p_index, event, None
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- responses ---------------------------------------------------------------------------------
 

@@ -8,9 +8,9 @@ prompt variant), the request's sampling options, stop strings and grammar go int
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 from typing import Any
 
 import numpy as np
@@ -19,6 +19,7 @@ from alignd.decoders.contract import DecoderContext, Emit, Finish, RoleContext, 
 from alignd.server.engines.base import SamplingSpec, TokenLogprob
 from alignd.server.generation.events import ChoiceEvent, TraceSpan
 from alignd.server.generation.executor import DecoderExecutor
+from alignd.server.generation.streams import merge_streams
 from alignd.server.models import HostedModel
 from alignd.server.router import BoundRole, RecipeTarget
 
@@ -149,14 +150,12 @@ async def generate_composite(
     grammar_spec = _grammar_spec(spec)
     out_role = target.decoder.output_role()
     out_model = target.roles[out_role].model
-    queue: asyncio.Queue[Any] = asyncio.Queue()
-    done = object()
 
     def on_op(role: str, op: str) -> None:
         if metrics is not None:
             metrics.engine_ops.labels(target.roles[role].model.name, op).inc()
 
-    async def one_choice(index: int) -> None:
+    async def one_choice(index: int) -> AsyncIterator[ChoiceEvent]:
         seed = None if spec.seed is None else spec.seed + index
         roles = _role_contexts(target, prompts)
         extra: dict[str, Any] = {"grammar_store": grammar_store()}
@@ -188,36 +187,16 @@ async def generate_composite(
         )
         async for item in executor.run(target.decoder.run(ctx)):
             if isinstance(item, Finish):
-                await queue.put(ChoiceEvent(index=index, finish_reason=item.reason))
+                yield ChoiceEvent(index=index, finish_reason=item.reason)
                 continue
             assert isinstance(item, Emit)
-            await queue.put(_event(index, item, target, out_model))
+            yield _event(index, item, target, out_model)
             if metrics is not None and item.token_ids:
                 metrics.role_tokens.labels(target.name, item.role).inc(len(item.token_ids))
 
-    async def guarded(index: int) -> None:
-        try:
-            await one_choice(index)
-        except BaseException as exc:  # noqa: BLE001
-            await queue.put(exc)
-            return
-        await queue.put(done)
-
-    tasks = [asyncio.create_task(guarded(i)) for i in range(spec.n)]
-    remaining = len(tasks)
-    try:
-        while remaining:
-            item = await queue.get()
-            if item is done:
-                remaining -= 1
-                continue
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+    async with aclosing(merge_streams([one_choice(i) for i in range(spec.n)])) as merged:
+        async for _, event in merged:
+            yield event
 
 
 def _event(index: int, emit: Emit, target: RecipeTarget, out_model: HostedModel) -> ChoiceEvent:
