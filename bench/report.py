@@ -103,14 +103,16 @@ class Report:
             **self.extra,
         }
 
-    def write(self) -> Path:
-        """``bench/results/<timestamp>.json`` and ``latest.json``; returns the timestamped path."""
+    def write(self, latest: bool = True) -> Path:
+        """``bench/results/<timestamp>.json`` and (unless ``latest`` is false) ``latest.json``; returns the
+        timestamped path."""
         RESULTS.mkdir(parents=True, exist_ok=True)
         body = json.dumps(self.to_json(), indent=2)
         stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(self.started))
         path = RESULTS / f"{stamp}-{self.mode}.json"
         path.write_text(body + "\n")
-        (RESULTS / "latest.json").write_text(body + "\n")
+        if latest:
+            (RESULTS / "latest.json").write_text(body + "\n")
         return path
 
     def print_table(self) -> None:

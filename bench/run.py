@@ -10,6 +10,7 @@ and ``bench/results/latest.json``.
 
     python -m bench.run            # full (about 20 minutes on 2 cores)
     python -m bench.run --quick    # fewer prompts, shorter outputs, a short soak (about 5 minutes)
+    python -m bench.run --suites embedded --only nudging   # some rows only (latest.json is left alone)
 """
 
 from __future__ import annotations
@@ -46,6 +47,11 @@ class Options:
     throughput_requests: int
     rounds: int
     strict: bool = False
+    only: frozenset[str] = frozenset()  # row groups to measure (empty: all of them)
+
+    def wants(self, group: str) -> bool:
+        """Whether this run measures ``group`` (a recipe kind, ``speculative``, ``plain`` or ``soak``)."""
+        return not self.only or group in self.only
 
 
 def _options(argv: list[str] | None) -> Options:
@@ -57,6 +63,8 @@ def _options(argv: list[str] | None) -> Options:
                    help="length of the gateway memory run (default 180, quick 45; the issue asks for 600)")
     p.add_argument("--no-vllm", action="store_true", help="skip the comparison with vLLM's own server")
     p.add_argument("--strict", action="store_true", help="exit with 1 when a row misses its target")
+    p.add_argument("--only", default="", help="comma-separated row groups to measure (while working on them): "
+                   "nudging, contrastive, logit_arithmetic, args, speculative, plain, soak")
     a = p.parse_args(argv)
     return Options(
         quick=a.quick,
@@ -68,6 +76,7 @@ def _options(argv: list[str] | None) -> Options:
         throughput_requests=8 if a.quick else 16,
         rounds=1 if a.quick else 2,
         strict=a.strict,
+        only=frozenset(g.strip() for g in a.only.split(",") if g.strip()),
     )
 
 
@@ -85,7 +94,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         # one request at a time
         for kind, limit in (("nudging", 1.15), ("contrastive", 1.15), ("logit_arithmetic", 1.15), ("args", 1.30)):
             one = suite.recipes.get(kind)
-            if one is None:
+            if one is None or not opts.wants(kind):
                 continue
             r = await b.single(one, single, opts.max_tokens)
             raw[f"{kind}_single"] = r.to_json()
@@ -94,7 +103,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         # eight at once, and the naive gateway on the same prompts and lengths
         for kind in ("nudging", "contrastive", "logit_arithmetic"):
             many = suite.recipes.get(kind)
-            if many is None:
+            if many is None or not opts.wants(kind):
                 continue
             r, results = await b.concurrent(many, eight, opts.max_tokens)
             raw[f"{kind}_concurrent"] = r.to_json()
@@ -110,7 +119,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             report.ratio(f"{kind.replace('_', ' ')} vs naive gateway (resubmit + 1 token), 8 concurrent", label,
                          speedup, 3.0, at_most=False, data=data)
         # speculative draft-and-verify on and off
-        if "contrastive_spec" in suite.recipes:
+        if "contrastive_spec" in suite.recipes and opts.wants("speculative"):
             r = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_spec"], single,
                                     opts.max_tokens)
             raw["speculative"] = r.to_json()
@@ -125,10 +134,11 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         data = {"p50_ms": round(p50, 3), "p99_ms": round(p99, 3), "samples": len(samples),
                 "p50_ms_by_recipe": per_recipe}
         raw["gateway_cpu"] = data
-        report.add(Row("gateway CPU time per merged token (gateway process, engines excluded)", label,
-                       "p50 <= 1 ms", f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", p50 <= 1.0, p50, data))
+        if samples:
+            report.add(Row("gateway CPU time per merged token (gateway process, engines excluded)", label,
+                           "p50 <= 1 ms", f"p50 {p50:.2f} ms, p99 {p99:.2f} ms", p50 <= 1.0, p50, data))
         # plain model: alignd against vLLM's own server
-        if opts.vllm and (suite.name == "embedded" or not opts.quick):
+        if opts.vllm and opts.wants("plain") and (suite.name == "embedded" or not opts.quick):
             raw["plain_vs_vllm"] = await _plain_vs_vllm(b, suite, server, opts, report, workdir)
     except BaseException:
         await b.close()
@@ -203,7 +213,7 @@ async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dic
         raw.update(await _measure_suite(suite, server, opts, report, workdir))
         bench: SuiteBench = raw.pop("_bench")
         try:
-            if name == "embedded":
+            if name == "embedded" and opts.wants("soak"):
                 _soak_row(suite, report, raw, await bench.soak(
                     suite.recipes["contrastive"], opts.soak_seconds, 4, 48, sampler[0]), opts.soak_seconds)
         finally:
@@ -226,7 +236,7 @@ async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dic
 async def run(opts: Options) -> Report:
     """Measure every requested suite; returns the report (not yet written)."""
     report = Report("quick" if opts.quick else "full")
-    report.extra["options"] = {k: v for k, v in opts.__dict__.items()}
+    report.extra["options"] = {k: sorted(v) if isinstance(v, frozenset) else v for k, v in opts.__dict__.items()}
     report.extra["suites"] = {}
     with tempfile.TemporaryDirectory(prefix="alignd-bench-") as tmp:
         for name in opts.suites:
@@ -246,8 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     report = asyncio.run(run(opts))
     print()
     report.print_table()
-    path = report.write()
-    print(f"\nwrote {path} and {path.parent / 'latest.json'} in {time.monotonic() - t0:.0f} s")
+    path = report.write(latest=not opts.only)  # a partial run does not replace the latest full table
+    print(f"\nwrote {path}{'' if opts.only else ' and latest.json'} in {time.monotonic() - t0:.0f} s")
     print("\nMarkdown:\n" + report.markdown())
     failed = [r for r in report.rows if r.passed is False]
     return 1 if opts.strict and failed else 0

@@ -239,6 +239,7 @@ class Serving:
             frequency_penalty=req.frequency_penalty,
             repetition_penalty=req.repetition_penalty or 1.0,
             structured=_structured(req),
+            stream=bool(req.stream),
         )
         if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
             spec.prompt_logprobs = req.logprobs

@@ -74,6 +74,7 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     structured: StructuredSpec | None = None
     skip_special_tokens: bool = True
+    stream: bool = True  # False: the caller wants the whole answer, so the engine may send it in one piece
 
 
 @dataclass

@@ -78,7 +78,9 @@ def _sampling_params(spec: SamplingSpec) -> Any:
         repetition_penalty=spec.repetition_penalty,
         structured_outputs=structured,
         skip_special_tokens=spec.skip_special_tokens,
-        output_kind=RequestOutputKind.DELTA,
+        # A whole (non-streamed) answer comes from the engine in one piece, as vLLM's own server asks for it:
+        # no per-token outputs through the gateway's event loop.
+        output_kind=RequestOutputKind.DELTA if spec.stream else RequestOutputKind.FINAL_ONLY,
     )
 
 
@@ -216,12 +218,14 @@ def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> 
     return StepView(logprobs=vals[order], token_ids=uniq[order])
 
 
-def _flat_views(flat: Any, want: ViewSpec, vocab_size: int) -> list[StepView | None]:
+def _flat_views(flat: Any, want: ViewSpec, vocab_size: int, first: int = 0) -> list[StepView | None]:
+    """Views of vLLM's logprobs positions (``None`` before position ``first``, which is not read: rows that
+    came from the prefix cache hold no values)."""
     if isinstance(flat, list):  # numpy rows (see _install_raw_logprobs)
         return [_row_view(row, want, vocab_size) for row in flat]
     views: list[StepView | None] = []
-    for start, end in zip(flat.start_indices, flat.end_indices):
-        if start == end:
+    for i, (start, end) in enumerate(zip(flat.start_indices, flat.end_indices)):
+        if i < first or start == end:
             views.append(None)
             continue
         view = _position_view(flat.token_ids[start:end], flat.logprobs[start:end], want)
@@ -510,17 +514,28 @@ class LocalVLLMEngine(Engine):
         if want.token_ids and not want.full:
             extra["prompt_logprobs"] = None
             extra["prompt_logprob_token_ids"] = [sorted(set(want.token_ids))] * (len(op.context) - 1)
-        params = _view_params(want, **extra)
-        try:
+
+        async def run(read_cache: bool) -> Any:
+            params = _view_params(want, skip_reading_prefix_cache=not read_cache, **extra)
             out = None
             async for out in self.llm.generate(
                 TokensPrompt(prompt_token_ids=list(op.context)), params, self._rid(request_id)
             ):
                 pass
+            assert out is not None
+            return out
+
+        try:
+            # vLLM recomputes the whole prompt for prompt log-probabilities unless told it may read the prefix
+            # cache; then it computes them only after the cached tokens and leaves the rows before unset. They
+            # are read when the cache covered no position the views need, else the block is scored again.
+            cached_ok = "prompt_logprob_token_ids" not in extra
+            out = await run(read_cache=cached_ok)
+            if cached_ok and (out.num_cached_tokens is None or out.num_cached_tokens > op.start - 1):
+                out = await run(read_cache=False)
         except Exception as exc:
             raise _translate(exc) from exc
-        assert out is not None
-        prompt_views = _flat_views(out.prompt_logprobs, want, self.info.vocab_size)
+        prompt_views = _flat_views(out.prompt_logprobs, want, self.info.vocab_size, first=op.start)
         last = _flat_views(out.outputs[0].logprobs, want, self.info.vocab_size)[-1]
         views = [v for v in prompt_views[op.start:]] + [last]
         if any(v is None for v in views):

@@ -159,17 +159,16 @@ def nudging_reference(
             if p < len(block_text) and flags[p] and block_text[:p].strip():
                 candidates.append((p, j))
 
-        # one base call per word start
+        # one base call per word start (before the aligner's end too: the base may take over there)
         takeover = None
-        if not ended:
-            for p, j in candidates:
-                context = base_ids[:keep] + b_new[:j]
-                top, prob = _argmax(base.logprobs(context))
-                shown = text_after(base, context, [top]) if top not in base.eos else ""
-                agrees = top == b_new[j] or (shown != "" and block_text[p:].startswith(shown))
-                if agrees or prob >= gamma:
-                    takeover = (p, j)
-                    break
+        for p, j in candidates:
+            context = base_ids[:keep] + b_new[:j]
+            top, prob = _argmax(base.logprobs(context))
+            shown = text_after(base, context, [top]) if top not in base.eos else ""
+            agrees = top == b_new[j] or (shown != "" and block_text[p:].startswith(shown))
+            if agrees or prob >= gamma:
+                takeover = (p, j)
+                break
         if takeover is not None:
             end_p, end_j = takeover
         elif ended or not candidates:
@@ -197,7 +196,7 @@ def nudging_reference(
             al_ids = al_ids + block[: al_starts.index(end_p)]
         else:
             al_ids = append_text(aligner, al_ids, block_text[:end_p])
-        if ended:
+        if ended and takeover is None:
             return out, "stop"
         if takeover is None:
             continue
