@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import itertools
-
 import hashlib
+import itertools
 from collections.abc import Sequence
 
 import numpy as np
