@@ -130,6 +130,11 @@ class Session(ABC):
     async def close(self) -> None:
         """Release the engine request."""
 
+    def join_step(self, group: str, size: int) -> None:
+        """The next view of this session is one of ``size`` views of the same engine that a decoder asks
+        for together (``group`` names them): an engine that can should compute them in one step. A hint:
+        engines without the notion ignore it."""
+
 
 class Engine(ABC):
     """A hosted model: native generation, open sessions, block scoring and rewards."""

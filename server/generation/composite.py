@@ -151,9 +151,14 @@ async def generate_composite(
     out_role = target.decoder.output_role()
     out_model = target.roles[out_role].model
 
+    counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once per request
+
     def on_op(role: str, op: str) -> None:
         if metrics is not None:
-            metrics.engine_ops.labels(target.roles[role].model.name, op).inc()
+            counter = counters.get((role, op))
+            if counter is None:
+                counter = counters[(role, op)] = metrics.engine_ops.labels(target.roles[role].model.name, op)
+            counter.inc()
 
     async def one_choice(index: int) -> AsyncIterator[ChoiceEvent]:
         seed = None if spec.seed is None else spec.seed + index

@@ -57,6 +57,7 @@ class DecoderExecutor:
         self._prefetch: dict[str, tuple[tuple[int, ...], asyncio.Task[Any]]] = {}
         self._format_reward_pair = format_reward_pair or (lambda _role, p, r: p + r)
         self._on_op = on_op
+        self._groups = 0
 
     async def _run_op(self, op: EngineOp) -> Any:
         engine = self.engines[op.role]
@@ -67,10 +68,7 @@ class DecoderExecutor:
             if pre is not None:
                 # a failed prefetch is not this op's failure: the view below asks again and reports its own
                 await asyncio.gather(pre[1], return_exceptions=True)
-            session = self._sessions.get(op.role)
-            if session is None:
-                session = self._sessions[op.role] = engine.open_session(f"{self.request_id}-{op.role}")
-            return await session.view(op.context, op.want)
+            return await self._session(op.role).view(op.context, op.want)
         if isinstance(op, GenerateOp):
             return await engine.generate_block(self.request_id, op)
         if isinstance(op, ScoreOp):
@@ -80,23 +78,46 @@ class DecoderExecutor:
             return await engine.reward(self.request_id, texts)
         raise TypeError(f"unknown engine operation {op!r}")
 
-    def _start_prefetch(self, ops: list[EngineOp]) -> None:
+    def _session(self, role: str) -> Session:
+        session = self._sessions.get(role)
+        if session is None:
+            session = self._sessions[role] = self.engines[role].open_session(f"{self.request_id}-{role}")
+        return session
+
+    def _group_steps(self, ops: list[EngineOp], prefetched: list[str]) -> None:
+        """Tell the sessions of one engine that step together in this batch (views, except those a
+        prefetch already answers, and the prefetches just started) that they belong together, so the
+        engine computes them in one step."""
+        by_engine: dict[int, list[Session]] = {}
+        for role in [op.role for op in ops if isinstance(op, ViewOp) and op.role not in self._prefetch]:
+            by_engine.setdefault(id(self.engines[role]), []).append(self._session(role))
+        for role in prefetched:
+            by_engine.setdefault(id(self.engines[role]), []).append(self._sessions[role])
+        for sessions in by_engine.values():
+            if len(sessions) > 1:
+                self._groups += 1
+                group = f"{self.request_id}-{self._groups}"
+                for session in sessions:
+                    session.join_step(group, len(sessions))
+
+    def _start_prefetch(self, ops: list[EngineOp]) -> list[str]:
         """Advance idle sessions that stand where the batch's roles stand by the batch's new tokens."""
         if not ops or not all(isinstance(op, ViewOp) for op in ops):
-            return
+            return []
         deltas: set[tuple[int, ...]] = set()
         positions: set[tuple[int, tuple[int, ...]]] = set()
         for op in ops:
             held = getattr(self._sessions.get(op.role), "context", None)
             if held is None or len(op.context) <= len(held) or tuple(op.context[: len(held)]) != held:
-                return
+                return []
             appended = self._sessions[op.role].appended  # type: ignore[attr-defined]
             deltas.add(tuple(op.context[len(held):]))
             positions.add((appended, held[len(held) - appended:]))
         if len(deltas) != 1 or len(positions) != 1:
-            return
+            return []
         (delta,), (position,) = deltas, positions
         asked = {op.role for op in ops}
+        started: list[str] = []
         for role, session in self._sessions.items():
             held = getattr(session, "context", None)
             if role in asked or role in self._prefetch or held is None:
@@ -108,6 +129,8 @@ class DecoderExecutor:
             want = ViewSpec(full=True) if vocab <= _FULL_PREFETCH_VOCAB else ViewSpec(top_k=_PREFETCH_TOP_K)
             context = held + delta
             self._prefetch[role] = (context, asyncio.ensure_future(session.view(context, want)))
+            started.append(role)
+        return started
 
     async def run(self, run: DecoderRun) -> AsyncIterator[Emit | Finish]:
         """Drive ``run`` to the end, yielding its emits and finally its :class:`Finish`."""
@@ -125,7 +148,7 @@ class DecoderExecutor:
                     yield item
                     continue
                 ops = list(item)
-                self._start_prefetch(ops)
+                self._group_steps(ops, self._start_prefetch(ops))
                 if len(ops) == 1:
                     send = [await self._run_op(ops[0])]
                 else:

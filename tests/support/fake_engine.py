@@ -79,6 +79,7 @@ class FakeSession(Session):
         self._engine = engine
         self.request_id = request_id
         self.contexts: list[tuple[int, ...]] = []
+        self.groups: list[tuple[str, int]] = []  # join_step hints, in order
         self.closed = False
         engine.open_sessions += 1
         engine.sessions_opened += 1
@@ -91,6 +92,10 @@ class FakeSession(Session):
         ctx = tuple(int(t) for t in context)
         self.contexts.append(ctx)
         return make_view(self._engine.logprobs(ctx), want)
+
+    def join_step(self, group: str, size: int) -> None:
+        """Record the hint (the fake computes every view on its own)."""
+        self.groups.append((group, size))
 
     async def close(self) -> None:
         """Release the session (idempotent)."""

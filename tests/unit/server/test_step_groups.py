@@ -1,0 +1,67 @@
+"""Sessions of one engine that a decoder steps together are marked as one group, and the engine core
+plugin waits for a group's missing chunks (bounded) before it steps."""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Generator
+from typing import Any
+
+from alignd.decoders.contract import Emit, Finish, ViewOp, ViewSpec
+from alignd.server.engines.vllm_plugin import await_groups
+from alignd.server.generation.executor import DecoderExecutor
+from tests.support.fake_engine import FakeEngine, FakeSession
+
+
+def _two_steps() -> Generator[Any, Any, Finish]:
+    want = ViewSpec(top_k=2)
+    yield [ViewOp("expert", (1, 2), want), ViewOp("amateur", (1, 3), want), ViewOp("other", (1,), want)]
+    yield Emit(role="expert", reason="", token_ids=(4,), text="x")
+    yield [ViewOp("expert", (1, 2, 4), want), ViewOp("other", (1, 4), want)]
+    return Finish("stop")
+
+
+async def test_sessions_of_one_engine_stepped_together_share_a_group() -> None:
+    shared, alone = FakeEngine("shared"), FakeEngine("alone")
+    await shared.start()
+    await alone.start()
+    opened: dict[str, FakeSession] = {}
+    executor = DecoderExecutor({"expert": shared, "amateur": shared, "other": alone}, "req")
+    original = executor._session
+
+    def session(role: str) -> Any:
+        s = original(role)
+        opened[role] = s
+        return s
+
+    executor._session = session  # type: ignore[method-assign]
+    events = [e async for e in executor.run(_two_steps())]
+    assert isinstance(events[-1], Finish)
+    (g1,), (g2,) = opened["expert"].groups, opened["amateur"].groups
+    assert g1 == g2 and g1[1] == 2  # the first step: both sessions of the shared engine, one group
+    assert opened["other"].groups == []  # alone on its engine, and the second step has one view per engine
+
+
+def test_await_groups_takes_inputs_until_the_group_is_complete() -> None:
+    groups = {"g": [1, 3]}
+    inputs: queue.Queue[Any] = queue.Queue()
+    for item in ("g", "g", "later"):
+        inputs.put(item)
+    handled: list[str] = []
+
+    def handle(item: str) -> None:
+        handled.append(item)
+        if item in groups:
+            groups[item][0] += 1
+
+    await_groups(groups, inputs, handle, timeout=5.0)
+    assert handled == ["g", "g"] and groups == {}
+    assert inputs.get_nowait() == "later"  # what belongs to the next step stays queued
+
+
+def test_await_groups_gives_up_on_a_member_that_never_comes() -> None:
+    groups = {"g": [1, 2]}
+    inputs: queue.Queue[Any] = queue.Queue()
+    handled: list[Any] = []
+    await_groups(groups, inputs, handled.append, timeout=0.01)
+    assert handled == [] and groups == {}
