@@ -10,10 +10,12 @@ One round
 ---------
 1. **The aligner proposes a block** of up to ``block_tokens`` tokens (16 in the reference). Tokens of the
    previous block that were not used and still continue the output exactly (*pending* tokens, see below)
-   are reused. Greedy decoding grows the block one token at a time through the aligner's session and
-   stops growing it as soon as step 2 finds the base's take-over, so the aligner writes no word the base
-   takes over from (one token past the hand-over at most); sampling generates the block's missing tokens
-   natively with one :class:`GenerateOp`.
+   are reused. Greedy decoding grows the block one token at a time through the aligner's session, and
+   step 2 asks the base at each word start as soon as it is known; sampling generates the block's missing
+   tokens natively with one :class:`GenerateOp`. With ``aligner_end_lookahead`` (the default, the
+   reference's rule) a take-over is decided on the complete block; without it the aligner stops writing
+   at the hand-over (one token past it at most), which saves most of its tokens but lets the base write on
+   where the aligner would have ended.
 2. **The base finds where to take over**: the block is re-tokenized in the base's vocabulary and, at each
    word start of the block after its first word that has block text after it, in order, one
    :class:`ViewOp` asks the base's session for its top-1 token and its raw (unwarped) probability there.
@@ -25,9 +27,8 @@ One round
    start qualifies, the aligner's block is output up to its last word start where one of the aligner's
    tokens starts (else its last word start: the last word may be cut by the block size) and the rest
    stays pending for the next round; a block without any word start is output whole. If the aligner ends
-   before the base takes over, its block is output whole and decoding stops (as in the reference: the
-   aligner decides how an answer ends; the reference also ignores the base's word starts before the
-   aligner's end, which only a block generated whole can know of).
+   inside its block, the block is output whole and decoding stops (as in the reference: the aligner decides
+   how an answer ends); without ``aligner_end_lookahead`` only if it ends before the base takes over.
 3. **The base writes** in chunks of ``base_chunk_tokens``, each token with its top-1 view: greedy
    decoding steps the base's session one :class:`ViewOp` per token (its top-1 is the greedy token, and the
    chunk ends at the token where it would be cut); sampling lets the engine write natively with
@@ -68,9 +69,9 @@ Differences from the reference, on purpose
 ------------------------------------------
 * The base's chunk is cut at word starts only; the reference cuts at any token below ``gamma``, even
   inside a word, which hands a half word to an aligner with another tokenizer.
-* Where the aligner ends inside its block, the reference outputs the block without asking the base; here
-  the base is asked at the block's word starts before the end, as everywhere else (a block grown token by
-  token cannot know of an end it has not reached).
+* With ``aligner_end_lookahead: false``, where the aligner ends inside its block the base is still asked
+  at the block's word starts before the end (a block grown token by token cannot know of an end it has not
+  reached); the reference outputs such a block without asking the base, as the default does.
 * The base's end-of-sequence ends decoding when the base is confident about it (top-1 probability at
   least ``gamma``); the reference hands the turn back to the aligner.
 * Repetition ends decoding; the reference strips repeated suffixes from the final text afterwards, which
@@ -137,6 +138,12 @@ class NudgingParams(DecoderParams):
     )
     max_repeated_nudges: int = Field(
         3, ge=1, description="stop when the aligner's words of a round equal those of this many rounds before"
+    )
+    aligner_end_lookahead: bool = Field(
+        True,
+        description="complete the aligner's block before the base takes over, so that an end inside it ends "
+        "the answer (the reference's rule); false: the aligner stops writing at the hand-over (faster; the "
+        "base may then write past where the aligner would have ended)",
     )
 
 
@@ -462,11 +469,12 @@ class _Run:
             ended = False
             rejected: dict[int, str] = {}  # word starts the base declined, with the aligner's reason
             takeover: tuple[int, int, str] | None = None  # (offset, base index, the base's reason)
+            lookahead = self.p.aligner_end_lookahead
             while True:
                 full = ended or len(self.pending) >= self.p.block_tokens
                 block, bseg, candidates = self.block_in_base()
                 for rel, k in candidates:
-                    if rel in rejected:
+                    if rel in rejected or (ended and lookahead):
                         continue
                     decision = yield from self.probe(bseg, rel, k, block.text, final=full)
                     if decision is None:  # the aligner's next words decide whether the base agrees
@@ -476,8 +484,16 @@ class _Run:
                         takeover = (rel, k, why)
                         break
                     rejected[rel] = why
-                if takeover is not None or full:
+                if full or (takeover is not None and not lookahead):
                     break
+                if takeover is not None:
+                    # decided again on the complete block: an end inside it ends the answer (the base's view
+                    # at the take-over is asked again at the same position, which its session holds)
+                    takeover = None
+                    while not ended and len(self.pending) < self.p.block_tokens:
+                        new, ended = yield from self.aligner_writes()
+                        self.pending = self.pending + new
+                    continue
                 new, ended = yield from self.aligner_writes()
                 self.pending = self.pending + new
             if not block.text.strip():

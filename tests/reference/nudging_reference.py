@@ -95,6 +95,7 @@ def nudging_reference(
     max_tokens: int = 64,
     shared: bool = False,
     prompt_last_char: str = "",
+    end_lookahead: bool = True,
 ) -> tuple[list[tuple[str, str]], str]:
     """Greedy nudging; returns ``([(role, text), ...], finish_reason)`` with consecutive texts of one
     role merged. Repetition checks are not part of the reference (turn them off in the decoder)."""
@@ -159,9 +160,10 @@ def nudging_reference(
             if p < len(block_text) and flags[p] and block_text[:p].strip():
                 candidates.append((p, j))
 
-        # one base call per word start (before the aligner's end too: the base may take over there)
+        # one base call per word start; a block in which the aligner ends is output whole (unless the
+        # aligner's end is only seen when reached: then the base may take over before it)
         takeover = None
-        for p, j in candidates:
+        for p, j in candidates if not (ended and end_lookahead) else []:
             context = base_ids[:keep] + b_new[:j]
             top, prob = _argmax(base.logprobs(context))
             shown = text_after(base, context, [top]) if top not in base.eos else ""

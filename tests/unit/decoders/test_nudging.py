@@ -304,12 +304,20 @@ def test_joining_space_after_the_base_prompt(base_tok: ListTokenizer) -> None:
 
 
 def test_engine_calls_are_few() -> None:
-    """Greedy: every engine call is one step of a role's session, nothing is scored with prompt
-    log-probabilities or generated past a hand-over; a session starts over at most once per hand-over."""
+    """Greedy: every engine call is one step of a role's session and nothing is scored with prompt
+    log-probabilities; a session starts over at most once per hand-over. Without the end lookahead the
+    aligner writes nothing past a hand-over; with it (the default) at most its block."""
+    for seed in (2, 4):
+        result = run({"stop_on_repetition": False}, random_world(LEADING, seed), random_world(CHARS, seed),
+                     max_tokens=60)
+        assert not result.ops_of(ScoreOp) and not result.ops_of(GenerateOp)
+        steps = [op for op in result.ops_of(ViewOp) if op.role == "aligner"]
+        written = sum(len(CHARS.encode(e.text)) for e in result.emits if e.role == "aligner")
+        assert len({op.context for op in steps}) <= written + 16 * (len(merged(result)) + 1)
     for seed in (2, 4):
         base = random_world(LEADING, seed)
         aligner = random_world(CHARS, seed)
-        result = run({"stop_on_repetition": False}, base, aligner, max_tokens=60)
+        result = run({"stop_on_repetition": False, "aligner_end_lookahead": False}, base, aligner, max_tokens=60)
         assert not result.ops_of(ScoreOp) and not result.ops_of(GenerateOp)
         assert all(op.want.top_k == 1 and not op.want.full for op in result.ops_of(ViewOp))
         assert all(len(batch) == 1 for batch in result.batches)
@@ -337,7 +345,8 @@ PAIRS = {
 
 @pytest.mark.parametrize("pair", list(PAIRS))
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.8])
-def test_matches_reference(pair: str, gamma: float) -> None:
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_matches_reference(pair: str, gamma: float, lookahead: bool) -> None:
     base_tok, al_tok = PAIRS[pair]
     for seed in range(4):
         base = random_world(base_tok, 10 * seed + 1)
@@ -347,6 +356,7 @@ def test_matches_reference(pair: str, gamma: float) -> None:
             "stop_on_repetition": False,
             "block_tokens": 6 + seed,
             "base_chunk_tokens": 3 + seed,
+            "aligner_end_lookahead": lookahead,
         }
         result = run(params, base, aligner, max_tokens=30)
         shared = base_tok is al_tok
@@ -358,6 +368,7 @@ def test_matches_reference(pair: str, gamma: float) -> None:
             max_tokens=30,
             shared=shared,
             prompt_last_char=":",
+            end_lookahead=lookahead,
         )
         assert merged(result) == ref, (seed, result.emits)
         assert result.finish.reason == reason
