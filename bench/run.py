@@ -31,7 +31,9 @@ from bench.procs import MemorySampler
 from bench.report import Report, Row
 from bench.scenarios import SuiteBench, percentile
 
-__all__ = ["Options", "main", "run"]
+__all__ = ["ROW_GROUPS", "Options", "main", "run"]
+
+ROW_GROUPS = ("nudging", "contrastive", "logit_arithmetic", "args", "speculative", "plain", "soak")
 
 
 @dataclass
@@ -64,8 +66,11 @@ def _options(argv: list[str] | None) -> Options:
     p.add_argument("--no-vllm", action="store_true", help="skip the comparison with vLLM's own server")
     p.add_argument("--strict", action="store_true", help="exit with 1 when a row misses its target")
     p.add_argument("--only", default="", help="comma-separated row groups to measure (while working on them): "
-                   "nudging, contrastive, logit_arithmetic, args, speculative, plain, soak")
+                   + ", ".join(ROW_GROUPS))
     a = p.parse_args(argv)
+    unknown = {g.strip() for g in a.only.split(",") if g.strip()} - set(ROW_GROUPS)
+    if unknown:
+        p.error(f"--only: unknown row groups {sorted(unknown)} (known: {', '.join(ROW_GROUPS)})")
     return Options(
         quick=a.quick,
         suites=[s.strip() for s in a.suites.split(",") if s.strip()],
