@@ -654,13 +654,8 @@ class _Run:
             ids, views, base_ended = _strip_eos(gen, self.base.eos)
             base_ended = base_ended or not gen.token_ids  # an engine that writes nothing has ended
             seg = self.base.segment(ids)
-            flags = self.word_starts(seg.text)
             # decision points: word-start tokens, and the end-of-sequence token if there is one
-            checks = [
-                k
-                for k in range(len(ids))
-                if (o := seg.offsets[k]) is not None and o < len(seg.text) and flags[o]
-            ]
+            checks = self.word_start_tokens(seg)
             eos_view = gen.views[len(ids)] if base_ended and len(gen.views) > len(ids) else None
             cut: int | None = None
             cut_p = 1.0
@@ -712,7 +707,6 @@ class _Run:
         """
         ids: list[int] = []
         views: list[StepView] = []
-        prev = self.out.text[-1:] if self.out.text else self.prompt_last_char
         while len(ids) < want:
             (view,) = yield [ViewOp("base", (*self.base.ids, *ids), ViewSpec(top_k=1))]
             token, lp = view.top()
@@ -720,14 +714,17 @@ class _Run:
             views.append(view)
             if token in self.base.eos:
                 return GeneratedBlock(token_ids=ids, views=views, finished=True)
-            if lp < self.log_gamma and not (first and len(ids) == 1):
-                text, offsets = self.base.decode_after(self.base.ids, ids)
-                start = offsets[len(ids) - 1]
-                if start is not None and start < len(text):
-                    before = text[start - 1] if start else prev
-                    if is_word_start(before, text[start]):
-                        break
+            cuttable = lp < self.log_gamma and not (first and len(ids) == 1)
+            if cuttable and len(ids) - 1 in self.word_start_tokens(self.base.segment(ids)):
+                break
         return GeneratedBlock(token_ids=ids, views=views, finished=False)
+
+    def word_start_tokens(self, seg: _Segment) -> list[int]:
+        """Indexes of the tokens of ``seg`` (about to follow the output) that start a word."""
+        flags = self.word_starts(seg.text)
+        return [
+            k for k in range(len(seg.ids)) if (o := seg.offsets[k]) is not None and o < len(seg.text) and flags[o]
+        ]
 
     def follow_with_aligner(self, text: str, base_ids: Sequence[int]) -> None:
         """The output grew by ``text`` (the base's ``base_ids``): bring the aligner's context along, keeping
