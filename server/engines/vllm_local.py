@@ -85,7 +85,11 @@ def _sampling_params(spec: SamplingSpec) -> Any:
     )
 
 
-def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
+def _view_params(
+    want: ViewSpec, max_tokens: int = 1, extra_args: dict[str, Any] | None = None, **extra: Any
+) -> Any:
+    """Sampling parameters of a request whose views alignd reads as numpy rows; ``extra_args`` are added
+    to alignd's own."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -97,7 +101,7 @@ def _view_params(want: ViewSpec, max_tokens: int = 1, **extra: Any) -> Any:
         "output_kind": RequestOutputKind.DELTA,
         # vLLM deep-copies the params of every streamed chunk unless told not to; alignd never mutates them
         "skip_clone": True,
-        "extra_args": {_RAW_LOGPROBS: True},
+        "extra_args": {_RAW_LOGPROBS: True, **(extra_args or {})},
     }
     if want.full or want.token_ids:
         # Views of chosen ids come from the full row: in vLLM 0.32 one request with logprob_token_ids in an
@@ -166,7 +170,7 @@ def _cache_eos_lookup(llm: Any) -> None:
     the answer never changes, so ask once."""
     renderer = getattr(getattr(llm, "input_processor", None), "renderer", None)
     lookup = getattr(renderer, "get_eos_token_id", None)
-    if lookup is None:
+    if renderer is None or lookup is None:
         return
     eos = lookup()
     renderer.get_eos_token_id = lambda: eos
@@ -311,7 +315,7 @@ class _LocalSession(Session):
         if group is None:
             params = self._engine.session_params(want)
         else:  # the engine core waits for the group's other chunks before it steps (see vllm_plugin)
-            params = _view_params(want, extra_args={_RAW_LOGPROBS: True, STEP_GROUP_KEY: [group[0], group[1]]})
+            params = _view_params(want, extra_args={STEP_GROUP_KEY: list(group)})
         # vLLM mutates the first chunk's prompt list in place (a known bug): pass a copy.
         await self._queue.put(StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(delta)), sampling_params=params))
         if self._outputs is None:
