@@ -20,8 +20,9 @@ set (:meth:`~TokenLevelDecoder.scores`). The driver owns everything else. Per ou
 
 Speculative draft-and-verify (params ``speculative: {draft_role, block_size}``, off by default) replaces
 steps 2-4 for a block of positions: the draft role writes ``block_size`` tokens natively
-(:class:`GenerateOp`), every other role scores the block in one :class:`ScoreOp` (a block of ``n`` drafted
-tokens needs the views after ``context + block[:i]`` for ``i < n``, so the ScoreOp covers ``block[:n-1]``),
+(:class:`GenerateOp`) while every other role takes its view at the block's first position, then every other
+role scores the rest of the block in one :class:`ScoreOp` (a block of ``n`` drafted tokens needs the views
+after ``context + block[:i]`` for ``i < n``, so the ScoreOp covers ``block[1:n-1]`` from position 1),
 the extra operations of all positions run in one batch, and the decoder decides each position in turn.
 With temperature 0 the draft is greedy and a drafted token is kept while it equals the decoder's own
 choice; at the first disagreement the decoder's choice is appended and the block ends, so the output is
@@ -467,7 +468,12 @@ class TokenLevelDecoder(Decoder):
             # q must be known exactly: temperature only, and the draft's full view
             sampling = SamplingOptions(temperature=r.temperature, seed=seed)
             want = ViewSpec(full=True)
-        results = yield [GenerateOp(draft, r.context(draft), size, want, sampling)]
+        # the other roles' views at the block's first position are fetched while the draft writes
+        others = [] if native else [role for role in r.wants if role != draft]
+        results = yield [
+            GenerateOp(draft, r.context(draft), size, want, sampling),
+            *(ViewOp(role, r.context(role), r.wants[role]) for role in others),
+        ]
         block: GeneratedBlock = results[0]
         tokens = list(block.token_ids)
         if not tokens:
@@ -476,7 +482,7 @@ class TokenLevelDecoder(Decoder):
             return (yield from self._single_step(r))
         if native:
             return (yield from self._accept_native(r, draft, block))
-        return (yield from self._verify_block(r, draft, block))
+        return (yield from self._verify_block(r, draft, block, dict(zip(others, results[1:], strict=True))))
 
     def _accept_native(self, r: _Run, draft: str, block: GeneratedBlock) -> _Sub:
         reason = f"{self.name}: {draft} wrote natively"
@@ -488,18 +494,19 @@ class TokenLevelDecoder(Decoder):
             return (yield from self._end(r, "stop"))
         return None
 
-    def _verify_block(self, r: _Run, draft: str, block: GeneratedBlock) -> _Sub:
+    def _verify_block(self, r: _Run, draft: str, block: GeneratedBlock, first: dict[str, StepView]) -> _Sub:
+        """Decide the drafted block's positions in turn; ``first`` holds the other roles' views at its first."""
         tokens = [int(t) for t in block.token_ids]
         n = len(tokens)
-        others = [role for role in r.wants if role != draft]
+        others = list(first)
         ops: list[EngineOp] = [
-            ScoreOp(role, r.context(role, tokens[: n - 1]), len(r.context(role)), r.wants[role])
+            ScoreOp(role, r.context(role, tokens[: n - 1]), len(r.context(role)) + 1, r.wants[role])
             for role in others
-        ]
+        ] if n > 1 else []
         scored = list((yield ops)) if ops else []
         views_at: list[dict[str, StepView]] = []
         for i in range(n):
-            views = {role: scored[j][i] for j, role in enumerate(others)}
+            views = {role: first[role] if i == 0 else scored[j][i - 1] for j, role in enumerate(others)}
             if draft in r.wants:
                 views[draft] = block.views[i]
             views_at.append(views)

@@ -126,6 +126,16 @@ class Session(ABC):
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
         """The view at the position after ``context`` (which should extend what the session holds)."""
 
+    async def generate(self, op: GenerateOp) -> GeneratedBlock | None:
+        """``op`` written natively inside this session (its KV cache kept for what follows), or ``None`` when
+        the session cannot: the caller then asks :meth:`Engine.generate_block`."""
+        return None
+
+    async def score(self, op: ScoreOp) -> list[StepView] | None:
+        """``op``'s views by appending its tokens to this session in one step, or ``None`` when the session
+        cannot: the caller then asks :meth:`Engine.score`."""
+        return None
+
     @abstractmethod
     async def close(self) -> None:
         """Release the engine request."""

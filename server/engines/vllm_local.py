@@ -12,6 +12,7 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -120,10 +121,25 @@ def _view_params(
 # it ends. Requests alignd marks with this flag keep each position as the numpy row the engine sent.
 _RAW_LOGPROBS = "alignd_raw_logprobs"
 _RAW_KEEP = 64  # rows a streamed (DELTA) request keeps: only the newest ones are ever read
+# A session chunk's prompt log-probabilities come as rows over the whole context (see vllm_plugin): above
+# this many values, scoring the chunk with a new request is cheaper.
+_MAX_CHUNK_ROW_VALUES = 1 << 20
 
 
 class _RawRow(tuple):  # type: ignore[type-arg]
     """One position: ``(token_ids, logprobs)`` arrays, the sampled token first, then the ranked ones."""
+
+
+@dataclass(frozen=True)
+class _ChunkRows:
+    """Prompt log-probabilities of a session chunk: row ``i`` is the distribution after context token ``i``
+    (the next token first, then the ranked ones); only the rows of the chunk's positions are set."""
+
+    token_ids: np.ndarray
+    logprobs: np.ndarray
+
+    def row(self, position: int) -> _RawRow:
+        return _RawRow((self.token_ids[position], self.logprobs[position]))
 
 
 def _install_raw_logprobs() -> None:
@@ -150,6 +166,21 @@ def _install_raw_logprobs() -> None:
                 rows.append(_RawRow((ids, lps)))
             if self._delta and len(rows) > 2 * _RAW_KEEP:
                 del rows[:-_RAW_KEEP]
+
+        def _update_prompt_logprobs(self, tensors: Any) -> None:
+            if self.num_prompt_logprobs is not None:  # the request asked when it was new: vLLM's own rows
+                super()._update_prompt_logprobs(tensors)
+                return
+            # A session's later chunk (see vllm_plugin): rows over the whole context, set for the chunk only.
+            token_ids, logprobs, *_ = tensors
+            self._chunk_rows: _ChunkRows | None = _ChunkRows(token_ids.numpy(), logprobs.numpy())
+
+        def pop_prompt_logprobs(self) -> Any:
+            rows = getattr(self, "_chunk_rows", None)
+            if rows is not None:
+                self._chunk_rows = None
+                return rows
+            return super().pop_prompt_logprobs()
 
     def from_new_request(cls: Any, tokenizer: Any, request: Any) -> Any:
         proc = original(cls, tokenizer, request)
@@ -295,14 +326,9 @@ class _LocalSession(Session):
             yield item
 
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
-        from vllm.engine.protocol import StreamingInput
-        from vllm.inputs import TokensPrompt
-
         group, self._group = self._group, None
         context = list(context)
-        n = len(self._context)
-        if self._outputs is not None and (len(context) < n or context[:n] != self._context):
-            await self.close()  # the context diverged: start over (the prefix cache keeps most of it)
+        await self._close_if_diverged(context)
         if self._outputs is not None and context == self._context and self._last:
             # asked again at the position it holds: from the view it has, else by a one-off request that
             # leaves the session where it is
@@ -311,27 +337,105 @@ class _LocalSession(Session):
                 return derived
             block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))
             return block.views[0]
-        delta = context[len(self._context):] if self._outputs is not None else context
         if group is None:
             params = self._engine.session_params(want)
         else:  # the engine core waits for the group's other chunks before it steps (see vllm_plugin)
             params = _view_params(want, extra_args={STEP_GROUP_KEY: list(group)})
+        out = await self._append(context, params)
+        view = _flat_views(out.outputs[0].logprobs, want, self._engine.info.vocab_size)[-1]
+        assert view is not None
+        self._context = context
+        self._last = (want, view)
+        return view
+
+    async def generate(self, op: GenerateOp) -> GeneratedBlock | None:
+        """``op`` written natively by this session (greedy only: vLLM 0.32 seeds a request's sampler when the
+        request is new, so a seeded draw in a later chunk would not be reproducible); the session then holds
+        the context and every written token but the last (vLLM drops a chunk's final sample)."""
+        self._group = None
+        context = list(op.context)
+        await self._close_if_diverged(context)
+        if op.sampling.temperature > 0 or (self._outputs is not None and context == self._context):
+            return None  # sampling, or nothing to append (a chunk carries at least one token)
+        params = _view_params(
+            op.want, max_tokens=op.max_tokens, stop_token_ids=list(op.stop_token_ids) or None
+        )
+        out = await self._append(context, params)
+        tokens: list[int] = []
+        views: list[StepView] = []
+        while True:
+            c = out.outputs[0]
+            tokens.extend(c.token_ids)
+            views.extend(v for v in _flat_views(c.logprobs, op.want, self._engine.info.vocab_size) if v is not None)
+            if c.finish_reason is not None:
+                break
+            out = await self._next()
+        self._context = context + tokens[:-1]
+        self._last = (op.want, views[-1]) if views else None
+        return GeneratedBlock(token_ids=tokens, views=views, finished=c.finish_reason == "stop")
+
+    async def score(self, op: ScoreOp) -> list[StepView] | None:
+        """``op``'s views from this session: its new tokens appended as one chunk with prompt log-probabilities
+        (see ``vllm_plugin``); ``None`` when the engine returns none for a session chunk, or when the rows it
+        returns for the context (every position's, of which only the chunk's are set) would be too large."""
+        engine = self._engine
+        want, context, start = op.want, list(op.context), op.start
+        wide = bool(want.full or want.token_ids)  # asked for as full rows (see _view_params)
+        columns = engine.info.vocab_size if wide else max(1, want.top_k)
+        if not engine.chunk_scoring or (columns + 1) * len(context) > _MAX_CHUNK_ROW_VALUES:
+            return None
+        self._group = None
+        await self._close_if_diverged(context)
+        if self._outputs is not None and len(self._context) > start:
+            await self.close()  # it holds positions past the first one asked for
+        if self._outputs is None:
+            await self.view(context[:start], want)
+        held = len(self._context)
+        views: dict[int, StepView] = {}
+        if held == start:
+            views[start] = await self.view(context[:start], want)
+        if held < len(context):
+            prompt_logprobs = (-1 if wide else max(1, want.top_k)) if len(context) - held > 1 else None
+            out = await self._append(context, _view_params(want, prompt_logprobs=prompt_logprobs))
+            last = _flat_views(out.outputs[0].logprobs, want, engine.info.vocab_size)[-1]
+            assert last is not None
+            self._context, self._last = context, (want, last)
+            views[len(context)] = last
+            rows = out.prompt_logprobs
+            if prompt_logprobs is not None and not isinstance(rows, _ChunkRows):
+                log.warning("model %r returns no prompt log-probabilities for session chunks: scoring with new "
+                            "requests", engine.name)
+                engine.chunk_scoring = False
+                return None
+            for p in range(max(start, held + 1), len(context)):
+                views[p] = _row_view(rows.row(p - 1), want, engine.info.vocab_size)
+        return [views[p] for p in range(start, len(context) + 1)]
+
+    async def _close_if_diverged(self, context: list[int]) -> None:
+        n = len(self._context)
+        if self._outputs is not None and (len(context) < n or context[:n] != self._context):
+            await self.close()  # the context diverged: start over (the prefix cache keeps most of it)
+
+    async def _append(self, context: list[int], params: Any) -> Any:
+        """Send what ``context`` adds to the session (all of it when closed); returns the first output."""
+        from vllm.engine.protocol import StreamingInput
+        from vllm.inputs import TokensPrompt
+
+        delta = context[len(self._context):] if self._outputs is not None else context
         # vLLM mutates the first chunk's prompt list in place (a known bug): pass a copy.
         await self._queue.put(StreamingInput(prompt=TokensPrompt(prompt_token_ids=list(delta)), sampling_params=params))
         if self._outputs is None:
             self._opened_with = len(context)
             self._outputs = self._engine.llm.generate(self._inputs(), params, self._request_id).__aiter__()
+        return await self._next()
+
+    async def _next(self) -> Any:
+        assert self._outputs is not None
         try:
-            out = await self._outputs.__anext__()
+            return await self._outputs.__anext__()
         except Exception as exc:
             self._outputs = None
             raise _translate(exc) from exc
-        self._context = context
-        views = _flat_views(out.outputs[0].logprobs, want, self._engine.info.vocab_size)
-        view = views[-1]
-        assert view is not None
-        self._last = (want, view)
-        return view
 
     @property
     def context(self) -> tuple[int, ...] | None:
@@ -364,6 +468,8 @@ class LocalVLLMEngine(Engine):
         self._ready = False
         self._counter = 0
         self._session_params: dict[ViewSpec, Any] = {}
+        self.chunk_scoring = True
+        """Whether sessions score appended chunks (alignd's vLLM plugin; off once the runner returns no rows)."""
 
     def engine_args(self) -> Any:
         """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""

@@ -1,7 +1,12 @@
-"""alignd's vLLM plugin: the engine core computes the session steps a decoder sends together in one step.
+"""alignd's vLLM plugin: session steps a decoder sends together run in one engine step, and a session's
+appended chunk can carry prompt log-probabilities.
 
 vLLM loads it in every process it starts (entry point group ``vllm.general_plugins``); it changes nothing
-unless a request carries :data:`STEP_GROUP_KEY` in ``SamplingParams.extra_args``.
+unless a request carries :data:`STEP_GROUP_KEY` in ``SamplingParams.extra_args``, or a streaming-input
+session's later chunk asks for ``prompt_logprobs``.
+
+Step groups
+-----------
 
 Why: a decoder often advances several sessions of one model at once (contrastive's expert and amateur as
 one model under two system prompts, ARGS's scoring roles). The gateway sends their new chunks one after
@@ -11,6 +16,17 @@ Measured on the embedded SmolLM2 (two sessions stepped together, 48 steps): 54-6
 35-43 ms for one session. Each chunk of such a group names the group and its size; after taking what is
 queued, the engine core waits for the group's missing chunks for at most :data:`WAIT_SECONDS` before it
 steps.
+
+Prompt log-probabilities of a session chunk
+-------------------------------------------
+vLLM 0.32's model runner registers a request for prompt log-probabilities only when the request is new, so a
+streaming-input session's later chunk gets none even when it asks. Speculative verification needs exactly
+that: a role appends a drafted block to its session and reads its distribution at every drafted position in
+one step, instead of a new request that recomputes the context from the last full prefix-cache block (128
+tokens on CPU). :func:`register` makes the runner register such a chunk as well; the runner then computes
+log-probabilities for the chunk's positions only (the rows before it stay unset, and alignd never reads
+them). A runner without this code path (vLLM's Model Runner V2) returns no rows, and alignd falls back to
+scoring with a new request (see ``vllm_local``).
 """
 
 from __future__ import annotations
@@ -20,7 +36,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["STEP_GROUP_KEY", "WAIT_SECONDS", "await_groups", "register"]
+__all__ = ["STEP_GROUP_KEY", "WAIT_SECONDS", "await_groups", "register", "register_chunk_prompt_logprobs"]
 
 STEP_GROUP_KEY = "alignd_step_group"  # extra_args value: [group id, number of chunks in the group]
 WAIT_SECONDS = 0.003  # longest wait for a group's missing chunks (a lost chunk costs this once)
@@ -47,7 +63,37 @@ def await_groups(
 
 
 def register() -> None:
-    """Patch vLLM's engine core (idempotent); a vLLM without the expected internals is left alone."""
+    """Patch vLLM's engine core and model runner (idempotent); a vLLM without the expected internals is left
+    alone."""
+    register_chunk_prompt_logprobs()
+    register_step_groups()
+
+
+def register_chunk_prompt_logprobs() -> None:
+    """Make vLLM's (V1) model runner compute prompt log-probabilities for a session chunk that asks."""
+    try:
+        from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+    except ImportError:
+        return
+    update = getattr(GPUModelRunner, "_update_streaming_request", None)
+    if update is None or getattr(GPUModelRunner, "_alignd_chunk_prompt_logprobs", False):
+        return
+
+    def update_streaming_request(self: Any, req_id: str, new_req_data: Any) -> Any:
+        state = update(self, req_id, new_req_data)
+        params = state.sampling_params
+        if params is not None and params.prompt_logprobs is not None:
+            vocab = self.input_batch.vocab_size
+            self.num_prompt_logprobs[req_id] = vocab if params.prompt_logprobs == -1 else params.prompt_logprobs
+            state.in_progress_prompt_logprobs_cpu = None
+        return state
+
+    GPUModelRunner._update_streaming_request = update_streaming_request  # type: ignore[method-assign]
+    GPUModelRunner._alignd_chunk_prompt_logprobs = True  # type: ignore[attr-defined]
+
+
+def register_step_groups() -> None:
+    """Make vLLM's engine core wait (briefly) for a step group's missing chunks."""
     try:
         from vllm.v1.engine.core import EngineCore, EngineCoreProc
     except ImportError:

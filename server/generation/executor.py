@@ -6,8 +6,10 @@ The order of one decoder step, as it runs here:
 2. it yields either an :class:`Emit` (passed on to the caller at once, so streaming follows decisions) or
    a list of engine operations;
 3. the operations run concurrently (``asyncio.gather``): every :class:`ViewOp` goes to the open session of
-   its role (vLLM streaming input: the KV cache stays, only new tokens are sent), :class:`GenerateOp` and
-   :class:`ScoreOp` become native vLLM requests, :class:`RewardOp` a pooling request; operations of all
+   its role (vLLM streaming input: the KV cache stays, only new tokens are sent), and so do
+   :class:`GenerateOp` and :class:`ScoreOp` where the session can run them (a greedy block written natively,
+   a block scored as one appended chunk), else they become native vLLM requests; :class:`RewardOp` becomes
+   a pooling request; operations of all
    live requests meet in vLLM's scheduler, which batches them. The sessions of one engine that step in
    one batch are told they belong together (:meth:`Session.join_step`), so the engine computes them in
    one step (:mod:`alignd.server.engines.vllm_plugin`). When a batch of views advances some roles
@@ -63,22 +65,33 @@ class DecoderExecutor:
 
     async def _run_op(self, op: EngineOp) -> Any:
         engine = self.engines[op.role]
-        if self._on_op is not None:
-            self._on_op(op.role, type(op).__name__)
-        if isinstance(op, ViewOp):
+        if isinstance(op, (ViewOp, GenerateOp, ScoreOp)):
             pre = self._prefetch.pop(op.role, None)
             if pre is not None:
-                # a failed prefetch is not this op's failure: the view below asks again and reports its own
+                # a failed prefetch is not this op's failure: the session asks again and reports its own
                 await asyncio.gather(pre[1], return_exceptions=True)
-            return await self._session(op.role).view(op.context, op.want)
-        if isinstance(op, GenerateOp):
-            return await engine.generate_block(self.request_id, op)
-        if isinstance(op, ScoreOp):
-            return await engine.score(self.request_id, op)
-        if isinstance(op, RewardOp):
+        result: Any = None
+        in_session = True
+        if isinstance(op, ViewOp):
+            result = await self._session(op.role).view(op.context, op.want)
+        elif isinstance(op, GenerateOp):
+            result = await self._session(op.role).generate(op)
+            if result is None:
+                in_session, result = False, await engine.generate_block(self.request_id, op)
+        elif isinstance(op, ScoreOp):
+            result = await self._session(op.role).score(op)
+            if result is None:
+                in_session, result = False, await engine.score(self.request_id, op)
+        elif isinstance(op, RewardOp):
             texts = [self._format_reward_pair(op.role, p, r) for p, r in op.pairs]
-            return await engine.reward(self.request_id, texts)
-        raise TypeError(f"unknown engine operation {op!r}")
+            in_session, result = False, await engine.reward(self.request_id, texts)
+        else:
+            raise TypeError(f"unknown engine operation {op!r}")
+        if self._on_op is not None:
+            # a block written or scored inside a session is counted apart from one that took a new request
+            kind = type(op).__name__
+            self._on_op(op.role, f"{kind}/session" if in_session and not isinstance(op, ViewOp) else kind)
+        return result
 
     def _session(self, role: str) -> Session:
         session = self._sessions.get(role)

@@ -40,8 +40,8 @@ def hf(tiny_paths: dict[str, Path]) -> dict[str, Any]:
 
 def _served(client: openai.OpenAI, model: str, prompt: str, **extra: Any) -> tuple[list[int], Any]:
     body = {"alignment": {"trace": True, **extra.pop("alignment", {})}}
-    out = client.completions.create(model=model, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0,
-                                    extra_body=body, **extra)
+    extra.setdefault("max_tokens", MAX_TOKENS)
+    out = client.completions.create(model=model, prompt=prompt, temperature=0, extra_body=body, **extra)
     trace = out.choices[0].model_extra["alignment_trace"]
     ids = [t for span in trace["spans"] for t in span["token_ids"]]
     return ids, out
@@ -69,6 +69,40 @@ def test_contrastive_matches_reference(openai_client: openai.OpenAI, alignd_serv
     served, out = _served(openai_client, recipe, prompt)
     assert served == expected
     assert out.choices[0].text == hf["tokenizer"].decode(expected, skip_special_tokens=True)
+
+
+def _engine_ops(server: RunningServer) -> dict[tuple[str, str], float]:
+    """``alignd_engine_operations_total`` by (model, op) from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics").text
+    return {
+        (s.labels["model"], s.labels["op"]): s.value
+        for family in text_string_to_metric_families(text) if family.name == "alignd_engine_operations"
+        for s in family.samples if s.name.endswith("_total")
+    }
+
+
+def test_speculative_blocks_are_written_and_scored_in_sessions(
+    openai_client: openai.OpenAI, alignd_server: RunningServer, hf: dict[str, Any]
+) -> None:
+    """The draft writes each block inside its session and the amateur scores it as one appended chunk (alignd's
+    vLLM plugin): no block takes a new request, and the output is still the reference's."""
+    from tests.reference import contrastive_ref
+    from tests.support.hf_runner import logits_fn
+
+    prompt, n = PROMPTS[1], 40
+    ids = _prompt_ids(alignd_server, prompt)
+    expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids, n,
+                                      _eos(hf))
+    before = _engine_ops(alignd_server)
+    served, _ = _served(openai_client, "tiny-contrastive-spec", prompt, max_tokens=n)
+    after = _engine_ops(alignd_server)
+    grew = {key: after[key] - before.get(key, 0.0) for key in after if after[key] > before.get(key, 0.0)}
+    assert served == expected
+    assert grew.get(("tiny-base", "GenerateOp/session"), 0) >= 2, grew
+    assert grew.get(("tiny-amateur", "ScoreOp/session"), 0) >= 1, grew
+    assert ("tiny-base", "GenerateOp") not in grew and ("tiny-amateur", "ScoreOp") not in grew, grew
 
 
 @pytest.mark.parametrize("prompt", PROMPTS)

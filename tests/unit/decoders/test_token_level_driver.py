@@ -239,11 +239,25 @@ def test_speculative_greedy_is_identical(block_size: int, draft_role: str) -> No
     )
     assert spec.tokens == plain.tokens
     assert spec.finish == plain.finish
-    assert not spec.ops_of(ViewOp)
     gens = spec.ops_of(GenerateOp)
     assert gens and all(op.role == draft_role and op.max_tokens <= block_size for op in gens)
+    # the other role's view at a block's first position comes with the draft, in the same batch
+    views = spec.ops_of(ViewOp)
+    assert views and all(op.role != draft_role for op in views)
+    for batch in spec.batches:
+        if any(isinstance(op, ViewOp) for op in batch):
+            assert [type(op) for op in batch] == [GenerateOp, ViewOp]
+            assert batch[0].context[3:] == batch[1].context[3:]  # the same output after 3-token prompts
+    # the rest of a block is scored from its second position on
     scores = spec.ops_of(ScoreOp)
-    assert scores and all(op.role != draft_role for op in scores)
+    assert all(op.role != draft_role for op in scores)
+    if block_size > 1:
+        assert scores
+        for batch, next_batch in zip(spec.batches, spec.batches[1:]):
+            if isinstance(next_batch[0], ScoreOp):
+                assert next_batch[0].start == len(batch[0].context) + 1
+    else:
+        assert not scores
 
 
 def test_speculative_block_is_kept_up_to_the_first_disagreement() -> None:
