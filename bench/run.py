@@ -125,8 +125,8 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
                          speedup, 3.0, at_most=False, data=data)
         # speculative draft-and-verify on and off
         if "contrastive_spec" in suite.recipes and opts.wants("speculative"):
-            r = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_spec"], single,
-                                    opts.max_tokens)
+            off = suite.recipes.get("contrastive_spec_off", suite.recipes["contrastive"])
+            r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens)
             raw["speculative"] = r.to_json()
             same = r.detail["same_tokens"]
             report.ratio("speculative contrastive: speed-up over the same recipe without it", label, r.ratio, 1.8,
