@@ -9,10 +9,11 @@ from functools import cached_property
 
 from alignd.server.api.errors import NotFound, ServiceUnavailable
 from alignd.server.engines.base import Engine
+from alignd.server.engines.cpu_binding import allowed_cores, spread_cores
 from alignd.server.settings import ModelSettings, Settings
 from alignd.server.tokenization import ModelTokenizer
 
-__all__ = ["HostedModel", "ModelPool", "build_engine"]
+__all__ = ["HostedModel", "ModelPool", "build_engine", "core_shares"]
 
 log = logging.getLogger(__name__)
 
@@ -38,15 +39,25 @@ class HostedModel:
         return len(vocab), hash(frozenset(vocab.items()))
 
 
-def build_engine(name: str, settings: ModelSettings, kv_cache_gib: float | None = None) -> Engine:
-    """The engine for a configured model: in-process vLLM, or a remote `vllm serve`."""
+def build_engine(
+    name: str, settings: ModelSettings, kv_cache_gib: float | None = None, cores: list[int] | None = None
+) -> Engine:
+    """The engine for a configured model: in-process vLLM (on ``cores`` when given), or a remote `vllm serve`."""
     if settings.engine == "remote":
         from alignd.server.engines.vllm_remote import RemoteVLLMEngine
 
         return RemoteVLLMEngine(name, settings)
     from alignd.server.engines.vllm_local import LocalVLLMEngine
 
-    return LocalVLLMEngine(name, settings, kv_cache_gib)
+    return LocalVLLMEngine(name, settings, kv_cache_gib, cores)
+
+
+def core_shares(settings: Settings) -> dict[str, list[int]]:
+    """The CPU cores of each in-process model under ``cpu_binding: spread`` (empty otherwise)."""
+    local = [name for name, ms in settings.models.items() if ms.engine != "remote"]
+    if settings.cpu_binding != "spread" or not local:
+        return {}
+    return dict(zip(local, spread_cores(allowed_cores(), len(local)), strict=True))
 
 
 class ModelPool:
@@ -62,8 +73,11 @@ class ModelPool:
     async def start(self) -> None:
         """Load tokenizers and start every engine; a failure leaves the pool unhealthy, not crashed."""
         try:
+            cores = core_shares(self.settings)
             for name, ms in self.settings.models.items():
-                engine = (self._engines or {}).get(name) or build_engine(name, ms, self.settings.kv_cache_gib)
+                engine = (self._engines or {}).get(name) or build_engine(
+                    name, ms, self.settings.kv_cache_gib, cores.get(name)
+                )
                 tokenizer = await asyncio.to_thread(ModelTokenizer, ms.path, ms.chat_template, ms.prompt_format)
                 self.models[name] = HostedModel(name, ms, engine, tokenizer)
             # Engines start one after another: on a small CPU machine parallel start-up only thrashes.

@@ -135,6 +135,13 @@ class Settings(BaseSettings):
     kv_cache_gib: float | None = Field(
         None, gt=0, description="KV cache per in-process model on CPU (VLLM_CPU_KVCACHE_SPACE), GiB."
     )
+    cpu_binding: Literal["spread", "vllm"] = Field(
+        "spread",
+        description="On vLLM's CPU backend, where the in-process models' worker threads run: 'spread' gives "
+        "each model its own cores (vLLM's automatic binding puts every engine on the same core, so models that "
+        "step together wait for each other); 'vllm' leaves it to vLLM. VLLM_CPU_OMP_THREADS_BIND in the "
+        "environment, or in a model's `vllm:` map, always wins.",
+    )
 
     @classmethod
     def settings_customise_sources(

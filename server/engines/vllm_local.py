@@ -29,6 +29,7 @@ from alignd.server.engines.base import (
     Session,
     TokenLogprob,
 )
+from alignd.server.engines.cpu_binding import BIND_ENV, omp_bind_value
 from alignd.server.engines.vllm_plugin import STEP_GROUP_KEY
 from alignd.server.settings import ModelSettings
 
@@ -460,10 +461,14 @@ class _LocalSession(Session):
 class LocalVLLMEngine(Engine):
     """One hosted model in an in-process vLLM ``AsyncLLM``."""
 
-    def __init__(self, name: str, settings: ModelSettings, kv_cache_gib: float | None = None) -> None:
+    def __init__(
+        self, name: str, settings: ModelSettings, kv_cache_gib: float | None = None, cores: list[int] | None = None
+    ) -> None:
         self.name = name
         self.settings = settings
         self.kv_cache_gib = kv_cache_gib
+        self.cores = cores
+        """CPU cores for this model's vLLM worker (``None``: vLLM's own choice)."""
         self.llm: Any = None
         self._ready = False
         self._counter = 0
@@ -506,15 +511,28 @@ class LocalVLLMEngine(Engine):
 
         _install_raw_logprobs()
         args = self.engine_args()
-        building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+        bind = self.omp_bind(args)
+        saved = os.environ.get(BIND_ENV)
+        if bind is not None:
+            # read by the engine core process that vLLM starts below (engines start one at a time)
+            os.environ[BIND_ENV] = bind
+            log.info("model %s: vLLM worker threads on cores %s", self.name, bind)
         try:
-            self.llm = await asyncio.shield(building)
-        except asyncio.CancelledError:
-            # Shut down while loading: the engine core is a separate process, so an engine that finishes
-            # building after the cancellation must still be stopped or it outlives the server.
-            llm = await building
-            await asyncio.to_thread(llm.shutdown)
-            raise
+            building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+            try:
+                self.llm = await asyncio.shield(building)
+            except asyncio.CancelledError:
+                # Shut down while loading: the engine core is a separate process, so an engine that finishes
+                # building after the cancellation must still be stopped or it outlives the server.
+                llm = await building
+                await asyncio.to_thread(llm.shutdown)
+                raise
+        finally:
+            if bind is not None:
+                if saved is None:
+                    os.environ.pop(BIND_ENV, None)
+                else:
+                    os.environ[BIND_ENV] = saved
         _cache_eos_lookup(self.llm)
         cfg = self.llm.model_config
         eos: set[int] = set()
@@ -550,6 +568,13 @@ class LocalVLLMEngine(Engine):
             await self.llm.check_health()
         except Exception as exc:
             raise EngineUnavailable(f"model {self.name!r} is unhealthy: {exc}") from exc
+
+    def omp_bind(self, args: Any) -> str | None:
+        """The ``VLLM_CPU_OMP_THREADS_BIND`` this engine starts with: its cores (see ``cpu_binding``) on vLLM's
+        CPU backend with one worker, unless the environment already says."""
+        if not self.cores or BIND_ENV in os.environ or getattr(args, "tensor_parallel_size", 1) != 1:
+            return None
+        return omp_bind_value(self.cores) if on_cpu() else None
 
     def session_params(self, want: ViewSpec) -> Any:
         """The sampling parameters of one session step for ``want``, built once per engine (vLLM only
