@@ -371,8 +371,11 @@ class _LocalSession(Session):
             if c.finish_reason is not None:
                 break
             out = await self._next()
-        self._context = context + tokens[:-1]
-        self._last = (op.want, views[-1]) if views else None
+        if not tokens or len(views) != len(tokens):
+            await self.close()  # nothing written (the context is full): what the engine holds is unknown
+        else:
+            self._context = context + tokens[:-1]
+            self._last = (op.want, views[-1])
         return GeneratedBlock(token_ids=tokens, views=views, finished=c.finish_reason == "stop")
 
     async def score(self, op: ScoreOp) -> list[StepView] | None:
