@@ -17,6 +17,16 @@ Measured on the embedded SmolLM2 (two sessions stepped together, 48 steps): 54-6
 queued, the engine core waits for the group's missing chunks for at most :data:`WAIT_SECONDS` before it
 steps.
 
+Sessions of different requests drift apart the same way: with 8 concurrent contrastive requests (16
+sessions of SmolLM2), the gateway answers one engine step's outputs one after another, the engine core
+starts the next step with the chunks that have arrived, and one request's pair settled one step behind the
+others for good: of 99 steps, 45 held 12-14 sessions and 50 held 2. So when every session of the last step
+is waiting for its next chunk and nothing else runs, the engine core waits for those chunks for at most
+half the last step's duration (:data:`RETURN_WAIT_FRACTION`, never more than :data:`RETURN_WAIT_MAX`).
+Measured on the same load: 57 steps instead of 99 (12.9 sessions per step on average), 4.6 s instead of
+5.6 s. A session that writes a block natively, or any native request, is running, and the engine core then
+never waits.
+
 Prompt log-probabilities of a session chunk
 -------------------------------------------
 vLLM 0.32's model runner registers a request for prompt log-probabilities only when the request is new, so a
@@ -36,10 +46,24 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["STEP_GROUP_KEY", "WAIT_SECONDS", "await_groups", "register", "register_chunk_prompt_logprobs"]
+__all__ = [
+    "RETURN_WAIT_FRACTION",
+    "RETURN_WAIT_MAX",
+    "STEP_GROUP_KEY",
+    "WAIT_SECONDS",
+    "await_groups",
+    "await_inputs",
+    "register",
+    "register_chunk_prompt_logprobs",
+    "returning_sessions",
+]
 
 STEP_GROUP_KEY = "alignd_step_group"  # extra_args value: [group id, number of chunks in the group]
 WAIT_SECONDS = 0.003  # longest wait for a group's missing chunks (a lost chunk costs this once)
+# Longest wait for the sessions of the last engine step to send their next chunks: this fraction of that
+# step's duration, and never more than RETURN_WAIT_MAX seconds.
+RETURN_WAIT_FRACTION = 0.5
+RETURN_WAIT_MAX = 0.025
 
 
 def await_groups(
@@ -102,8 +126,9 @@ def register_step_groups() -> None:
         return
     add_request = EngineCore.add_request
     process_input_queue = getattr(EngineCoreProc, "_process_input_queue", None)
+    process_engine_step = getattr(EngineCoreProc, "_process_engine_step", None)
     handle = getattr(EngineCoreProc, "_handle_client_request", None)
-    if process_input_queue is None or handle is None:
+    if process_input_queue is None or process_engine_step is None or handle is None:
         return
 
     def add_request_grouped(self: Any, request: Any, request_wave: int = 0) -> None:
@@ -119,9 +144,81 @@ def register_step_groups() -> None:
     def process_input_queue_grouped(self: Any) -> None:
         process_input_queue(self)
         groups: dict[str, list[int]] | None = self.__dict__.get("_alignd_groups")
+
+        def take(item: Any) -> None:
+            self._handle_client_request(*item)
+
         if groups:
-            await_groups(groups, self.input_queue, lambda item: self._handle_client_request(*item))
+            await_groups(groups, self.input_queue, take)
+        last, self._alignd_last_sessions = self.__dict__.get("_alignd_last_sessions") or (), ()
+        step_s = self.__dict__.get("_alignd_step_seconds", 0.0)
+        if last and step_s > 0:
+            missing = returning_sessions(self.scheduler, last)
+            if missing is not None:
+                await_inputs(missing, self.input_queue, take, min(RETURN_WAIT_MAX, RETURN_WAIT_FRACTION * step_s))
+
+    def process_engine_step_timed(self: Any) -> Any:
+        t0 = time.monotonic()
+        out = process_engine_step(self)
+        self._alignd_step_seconds = time.monotonic() - t0
+        sched = self.scheduler
+        self._alignd_last_sessions = tuple(getattr(sched, "_alignd_scheduled", ()))
+        return out
 
     EngineCore.add_request = add_request_grouped  # type: ignore[method-assign]
     EngineCoreProc._process_input_queue = process_input_queue_grouped  # type: ignore[method-assign]
+    EngineCoreProc._process_engine_step = process_engine_step_timed  # type: ignore[method-assign]
+    _record_scheduled_requests()
     EngineCore._alignd_step_groups = True  # type: ignore[attr-defined]
+
+
+def _record_scheduled_requests() -> None:
+    """Make vLLM's scheduler remember which requests its last step scheduled."""
+    from vllm.v1.core.sched.scheduler import Scheduler
+
+    schedule = Scheduler.schedule
+
+    def schedule_recorded(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = schedule(self, *args, **kwargs)
+        self._alignd_scheduled = tuple(out.num_scheduled_tokens)
+        return out
+
+    Scheduler.schedule = schedule_recorded  # type: ignore[method-assign]
+
+
+def returning_sessions(scheduler: Any, last: tuple[str, ...]) -> Callable[[], bool] | None:
+    """A test of whether sessions of the last engine step are still to send their next chunk, or ``None``
+    when the engine should not wait for them: something else is running (a native request, a session
+    writing a block), or none of them is waiting for input."""
+    from vllm.v1.request import RequestStatus
+
+    if scheduler.running:
+        return None
+    requests = scheduler.requests
+    ids = [
+        rid for rid in last
+        if (r := requests.get(rid)) is not None and r.resumable
+        and r.status == RequestStatus.WAITING_FOR_STREAMING_REQ
+    ]
+    if not ids:
+        return None
+    return lambda: any(
+        (r := requests.get(rid)) is not None and r.status == RequestStatus.WAITING_FOR_STREAMING_REQ for rid in ids
+    )
+
+
+def await_inputs(
+    pending: Callable[[], bool], inputs: queue.Queue[Any], handle: Callable[[Any], None], timeout: float
+) -> None:
+    """Take inputs from ``inputs`` (handing each to ``handle``) while ``pending()`` holds, for at most
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while pending():
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return
+        try:
+            item = inputs.get(timeout=remaining)
+        except queue.Empty:
+            return
+        handle(item)

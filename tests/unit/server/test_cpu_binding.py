@@ -15,7 +15,7 @@ from alignd.server.settings import ModelSettings, Settings
         ([0, 1], 2, [[0], [1]]),  # this machine: one core each
         ([0, 1], 5, [[0], [1], [0], [1], [0]]),  # more engines than cores: round robin
         ([1, 0, 2], 2, [[0], [1]]),  # one core left for the gateway and the schedulers
-        (list(range(16)), 2, [list(range(0, 7)), list(range(7, 14))]),
+        (list(range(16)), 2, [list(range(7)), list(range(7, 14))]),
         ([0, 1, 2, 3], 1, [[0, 1, 2]]),
         ([0], 3, [[0], [0], [0]]),
         ([0, 1], 0, []),

@@ -8,7 +8,7 @@ from collections.abc import Generator
 from typing import Any
 
 from alignd.decoders.contract import Emit, Finish, ViewOp, ViewSpec
-from alignd.server.engines.vllm_plugin import await_groups
+from alignd.server.engines.vllm_plugin import await_groups, await_inputs, returning_sessions
 from alignd.server.generation.executor import DecoderExecutor
 from tests.support.fake_engine import FakeEngine, FakeSession
 
@@ -65,3 +65,37 @@ def test_await_groups_gives_up_on_a_member_that_never_comes() -> None:
     handled: list[Any] = []
     await_groups(groups, inputs, handled.append, timeout=0.01)
     assert handled == [] and groups == {}
+
+
+class _Request:
+    def __init__(self, status: Any, resumable: bool = True) -> None:
+        self.status, self.resumable = status, resumable
+
+
+class _Scheduler:
+    def __init__(self, requests: dict[str, _Request], running: list[str] | None = None) -> None:
+        self.requests, self.running = requests, running or []
+
+
+def test_the_engine_waits_for_sessions_of_the_last_step_only_when_nothing_else_runs() -> None:
+    from vllm.v1.request import RequestStatus
+
+    idle, queued = RequestStatus.WAITING_FOR_STREAMING_REQ, RequestStatus.WAITING
+    sched = _Scheduler({"a": _Request(idle), "b": _Request(queued), "native": _Request(queued, resumable=False)})
+    pending = returning_sessions(sched, ("a", "b", "gone"))
+    assert pending is not None and pending()  # "a" has not sent its next chunk yet
+    sched.requests["a"].status = queued  # its chunk arrived
+    assert not pending()
+    assert returning_sessions(sched, ("b",)) is None  # nobody of the last step is missing
+    assert returning_sessions(_Scheduler(sched.requests, running=["native"]), ("a",)) is None
+
+
+def test_await_inputs_stops_when_nothing_is_pending_or_at_the_timeout() -> None:
+    inputs: queue.Queue[Any] = queue.Queue()
+    for item in ("x", "y", "later"):
+        inputs.put(item)
+    handled: list[str] = []
+    await_inputs(lambda: "y" not in handled, inputs, handled.append, timeout=5.0)
+    assert handled == ["x", "y"] and inputs.get_nowait() == "later"
+    await_inputs(lambda: True, inputs, handled.append, timeout=0.01)  # nothing comes: returns at the timeout
+    assert handled == ["x", "y"]
