@@ -20,9 +20,10 @@ steps.
 Sessions of different requests drift apart the same way: with 8 concurrent contrastive requests (16
 sessions of SmolLM2), the gateway answers one engine step's outputs one after another, the engine core
 starts the next step with the chunks that have arrived, and one request's pair settled one step behind the
-others for good: of 99 steps, 45 held 12-14 sessions and 50 held 2. So when every session of the last step
-is waiting for its next chunk and nothing else runs, the engine core waits for those chunks for at most
-half the last step's duration (:data:`RETURN_WAIT_FRACTION`, never more than :data:`RETURN_WAIT_MAX`).
+others for good: of 99 steps, 45 held 12-14 sessions and 50 held 2. So when sessions of the last step (two
+or more) have yet to send their next chunk and nothing else runs, the engine core waits for those chunks
+for at most half the last step's duration (:data:`RETURN_WAIT_FRACTION`, never more than
+:data:`RETURN_WAIT_MAX`).
 Measured on the same load: 57 steps instead of 99 (12.9 sessions per step on average), 4.6 s instead of
 5.6 s. A session that writes a block natively, or any native request, is running, and the engine core then
 never waits.
@@ -152,7 +153,7 @@ def register_step_groups() -> None:
             await_groups(groups, self.input_queue, take)
         last, self._alignd_last_sessions = self.__dict__.get("_alignd_last_sessions") or (), ()
         step_s = self.__dict__.get("_alignd_step_seconds", 0.0)
-        if last and step_s > 0:
+        if len(last) > 1 and step_s > 0:  # one session alone (a draft writing its block) has nobody to meet
             missing = returning_sessions(self.scheduler, last)
             if missing is not None:
                 await_inputs(missing, self.input_queue, take, min(RETURN_WAIT_MAX, RETURN_WAIT_FRACTION * step_s))
@@ -174,7 +175,10 @@ def register_step_groups() -> None:
 
 def _record_scheduled_requests() -> None:
     """Make vLLM's scheduler remember which requests its last step scheduled."""
-    from vllm.v1.core.sched.scheduler import Scheduler
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+    except ImportError:
+        return
 
     schedule = Scheduler.schedule
 
