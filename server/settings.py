@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         description="On vLLM's CPU backend, where the in-process models' worker threads run: 'spread' gives "
         "each model its own cores (vLLM's automatic binding puts every engine on the same core, so models that "
         "step together wait for each other); 'vllm' leaves it to vLLM. VLLM_CPU_OMP_THREADS_BIND in the "
-        "environment, or in a model's `vllm:` map, always wins.",
+        "environment always wins.",
     )
 
     @classmethod

@@ -74,16 +74,7 @@ def await_groups(
     """Take inputs from ``inputs`` (handing each to ``handle``, which counts group members in ``groups``:
     id -> [seen, size]) until every group is complete or ``timeout`` seconds passed; then forget the
     groups."""
-    deadline = time.monotonic() + timeout
-    while any(seen < size for seen, size in groups.values()):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
-        try:
-            item = inputs.get(timeout=remaining)
-        except queue.Empty:
-            break
-        handle(item)
+    await_inputs(lambda: any(seen < size for seen, size in groups.values()), inputs, handle, timeout)
     groups.clear()
 
 
