@@ -15,7 +15,11 @@ One round
    tokens natively with one :class:`GenerateOp`. With ``aligner_end_lookahead`` (the default, the
    reference's rule) a take-over is decided on the complete block; without it the aligner stops writing
    at the hand-over (one token past it at most), which saves most of its tokens but lets the base write on
-   where the aligner would have ended.
+   where the aligner would have ended. With the lookahead and greedy decoding the two roles step side by
+   side (one batch, so two engines compute at the same time): the aligner's next token with the base's
+   probe, and, once the base would take over, the aligner's remaining tokens with the base's first chunk
+   of step 3 written from there. That chunk is used when the decision on the complete block stands, and
+   dropped otherwise (the aligner ended inside its block, or the take-over moved).
 2. **The base finds where to take over**: the block is re-tokenized in the base's vocabulary and, at each
    word start of the block after its first word that has block text after it, in order, one
    :class:`ViewOp` asks the base's session for its top-1 token and its raw (unwarped) probability there.
@@ -86,7 +90,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Generator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -229,10 +233,11 @@ class _Track:
             offsets.append(len(text))
         return text, offsets
 
-    def segment(self, new_ids: Sequence[int]) -> _Segment:
-        """Native tokens appended to the whole context."""
-        text, offsets = self.decode_after(self.ids, new_ids)
-        return _Segment(len(self.ids), list(new_ids), text, 0, offsets)
+    def segment(self, new_ids: Sequence[int], context: Sequence[int] | None = None) -> _Segment:
+        """Native tokens appended to the whole context (or to ``context``, a context it will hold)."""
+        context = self.ids if context is None else context
+        text, offsets = self.decode_after(context, new_ids)
+        return _Segment(len(context), list(new_ids), text, 0, offsets)
 
     def encode(self, text: str, joiner: str = "") -> _Segment:
         """Another role's text in this role's tokens, appended to the context (re-tokenizing its last
@@ -279,6 +284,28 @@ class _Piece:
         """The first ``n`` tokens and the text they write."""
         c = next((o for o in reversed(self.offsets[: n + 1]) if o is not None), 0)
         return _Piece(self.role, self.reason, self.text[:c], self.ids[:n], self.offsets[: n + 1])
+
+
+@dataclass
+class _EarlyChunk:
+    """The base's first chunk after a take-over, written while the aligner completed its block: from
+    ``context``, with the output ending in the character ``prev``."""
+
+    context: tuple[int, ...]
+    prev: str
+    chunk: GeneratedBlock
+
+    def starts_at(self, base_ids: Sequence[int], output: str) -> bool:
+        """Whether the decision led where the chunk starts."""
+        return output[-1:] == self.prev and tuple(base_ids) == self.context
+
+    def first(self, n: int) -> GeneratedBlock:
+        """The chunk as :meth:`_Run.greedy_chunk` writes it with ``want == n`` (greedy tokens do not depend on
+        how far a chunk goes)."""
+        c = self.chunk
+        if len(c.token_ids) <= n:
+            return c
+        return GeneratedBlock(token_ids=c.token_ids[:n], views=c.views[:n], finished=False)
 
 
 class _Writer:
@@ -410,6 +437,40 @@ def _engine_sampling(ctx: DecoderContext) -> SamplingOptions:
     return SamplingOptions(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p, seed=seed)
 
 
+def _side_by_side(
+    *runs: Generator[list[EngineOp], Any, Any], done: Callable[[int, Any], bool] | None = None
+) -> Generator[list[EngineOp], Any, tuple[Any, ...]]:
+    """Run sub-steps of one round side by side: each step yields the operations of every run still going
+    as one batch (roles on different engines then compute at the same time); returns their results.
+    ``done(i, result)`` true for a run that finished stops the others (their results are ``None``)."""
+    results: list[Any] = [None] * len(runs)
+    asked: dict[int, list[EngineOp]] = {}
+    stopped = False
+
+    def advance(i: int, sent: Any) -> None:
+        nonlocal stopped
+        try:
+            asked[i] = runs[i].send(sent)
+        except StopIteration as stop:
+            results[i] = stop.value
+            stopped = stopped or (done is not None and done(i, stop.value))
+
+    for i in range(len(runs)):
+        if not stopped:
+            advance(i, None)
+    while asked and not stopped:
+        order, batch = list(asked), [op for ops in asked.values() for op in ops]
+        got = yield batch
+        at = 0
+        for i in order:
+            n = len(asked.pop(i))
+            advance(i, got[at : at + n])
+            at += n
+    for i in asked:
+        runs[i].close()
+    return tuple(results)
+
+
 def _strip_eos(block: GeneratedBlock, eos: frozenset[int]) -> tuple[list[int], list[StepView], bool]:
     """Tokens before the first end-of-sequence token, their views, and whether the role ended."""
     ids = list(block.token_ids)
@@ -444,9 +505,11 @@ class _Run:
             return ""
         return " " if self.prompt_last_char and not self.prompt_last_char.isspace() else ""
 
-    def word_starts(self, text: str) -> list[bool]:
-        """For each character of ``text`` (about to follow the output), whether a word starts there."""
-        prev = self.out.text[-1:] if self.out.text else self.prompt_last_char
+    def word_starts(self, text: str, prev: str | None = None) -> list[bool]:
+        """For each character of ``text`` (about to follow the output, or the character ``prev``), whether
+        a word starts there."""
+        if prev is None:
+            prev = self.out.text[-1:] if self.out.text else self.prompt_last_char
         flags = []
         for ch in text:
             flags.append(is_word_start(prev, ch))
@@ -470,13 +533,24 @@ class _Run:
             rejected: dict[int, str] = {}  # word starts the base declined, with the aligner's reason
             takeover: tuple[int, int, str] | None = None  # (offset, base index, the base's reason)
             lookahead = self.p.aligner_end_lookahead
+            greedy = self.ctx.sampling.temperature <= 0.0
+            probed: dict[tuple[int, ...], StepView] = {}  # the base's views at this round's word starts
+            early: _EarlyChunk | None = None
             while True:
                 full = ended or len(self.pending) >= self.p.block_tokens
                 block, bseg, candidates = self.block_in_base()
+                # with the end lookahead a greedy block grows until it is full whatever the base says, so its
+                # next token is computed alongside the first probe (the two roles step at the same time)
+                grow = lookahead and greedy and not full
+                grown: tuple[list[int], bool] | None = None
                 for rel, k in candidates:
                     if rel in rejected or (ended and lookahead):
                         continue
-                    decision = yield from self.probe(bseg, rel, k, block.text, final=full)
+                    probe = self.probe(bseg, rel, k, block.text, full, probed)
+                    if grow and grown is None:
+                        decision, grown = yield from _side_by_side(probe, self.aligner_writes())
+                    else:
+                        decision = yield from probe
                     if decision is None:  # the aligner's next words decide whether the base agrees
                         break
                     took, why = decision
@@ -484,18 +558,31 @@ class _Run:
                         takeover = (rel, k, why)
                         break
                     rejected[rel] = why
+                if grown is not None:
+                    self.pending = self.pending + grown[0]
+                    ended = grown[1]
                 if full or (takeover is not None and not lookahead):
                     break
                 if takeover is not None:
                     # decided again on the complete block: an end inside it ends the answer (the base's view
-                    # at the take-over is asked again at the same position, which its session holds)
+                    # at the take-over is kept in ``probed``). Greedy: while the aligner completes its block,
+                    # the base writes its first chunk from the take-over, used if the decision stands
+                    rel, k, _ = takeover
                     takeover = None
-                    while not ended and len(self.pending) < self.p.block_tokens:
-                        new, ended = yield from self.aligner_writes()
-                        self.pending = self.pending + new
+                    completing = self.complete_block(ended)
+                    want = min(self.p.base_chunk_tokens, self.out.room)
+                    if greedy and want > 0 and not ended:
+                        context = (*self.base.ids[: bseg.keep], *bseg.ids[:k])
+                        writing = self.greedy_chunk(want, True, context, block.text[rel - 1])
+                        # the aligner ending makes the chunk moot: it stops too
+                        ended, chunk = yield from _side_by_side(completing, writing, done=lambda i, r: i == 0 and r)
+                        early = None if chunk is None else _EarlyChunk(context, block.text[rel - 1], chunk)
+                    else:
+                        ended = yield from completing
                     continue
-                new, ended = yield from self.aligner_writes()
-                self.pending = self.pending + new
+                if grown is None:
+                    new, ended = yield from self.aligner_writes()
+                    self.pending = self.pending + new
             if not block.text.strip():
                 # nothing (the aligner ended) or a whole block of whitespace: the aligner has no more to say
                 return (yield from self.end("stop"))
@@ -554,7 +641,7 @@ class _Run:
                 continue
 
             # 3. the base writes until it is unsure at a word start
-            result = yield from self.base_writes(takeover[2])
+            result = yield from self.base_writes(takeover[2], early)
             if isinstance(result, Finish):
                 return result
             reason = result
@@ -581,12 +668,17 @@ class _Run:
         return block, bseg, candidates
 
     def probe(
-        self, bseg: _Segment, rel: int, k: int, text: str, final: bool
+        self, bseg: _Segment, rel: int, k: int, text: str, final: bool, probed: dict[tuple[int, ...], StepView]
     ) -> Generator[list[EngineOp], Any, tuple[bool, str] | None]:
         """Ask the base's session at one word start of the block: ``(takes over, why)``, or ``None`` when
-        that depends on aligner text not written yet (``final``: the block will not grow)."""
+        that depends on aligner text not written yet (``final``: the block will not grow). A word start
+        asked before in this round (``probed``) is answered from its view: the base's session may have
+        written on from there."""
         context = (*self.base.ids[: bseg.keep], *bseg.ids[:k])
-        (view,) = yield [ViewOp("base", context, ViewSpec(top_k=1))]
+        view = probed.get(context)
+        if view is None:
+            (view,) = yield [ViewOp("base", context, ViewSpec(top_k=1))]
+            probed[context] = view
         top_id, top_lp = view.top()
         prob = math.exp(top_lp)
         agrees = self.agrees(bseg, k, top_id, text[rel:], final)
@@ -611,6 +703,13 @@ class _Run:
             return None
         return final and top_id == bseg.ids[k]
 
+    def complete_block(self, ended: bool) -> Generator[list[EngineOp], Any, bool]:
+        """The aligner's block grown until it is full or the aligner ends; returns whether it ended."""
+        while not ended and len(self.pending) < self.p.block_tokens:
+            new, ended = yield from self.aligner_writes()
+            self.pending = self.pending + new
+        return ended
+
     def aligner_writes(self) -> Generator[list[EngineOp], Any, tuple[list[int], bool]]:
         """More of the aligner's block: greedy, one token through the aligner's session (so it writes no
         word the base takes over from); sampling, the rest of the block natively. Returns the new tokens
@@ -632,14 +731,19 @@ class _Run:
         new, _, ended = _strip_eos(gen, self.al.eos)
         return new, ended
 
-    def base_writes(self, reason: str) -> Generator[list[EngineOp] | Emit, Any, Finish | str]:
-        """The base writes chunk by chunk; returns why the aligner takes over next, or a Finish."""
+    def base_writes(
+        self, reason: str, early: _EarlyChunk | None = None
+    ) -> Generator[list[EngineOp] | Emit, Any, Finish | str]:
+        """The base writes chunk by chunk; returns why the aligner takes over next, or a Finish. ``early``
+        is a first chunk written ahead of the decision; it is used if it starts where the output is."""
         first = True
         while True:
             if self.out.room <= 0:
                 return (yield from self.end("length"))
             want = min(self.p.base_chunk_tokens, self.out.room)
-            if self.ctx.sampling.temperature <= 0.0:
+            if first and early is not None and early.starts_at(self.base.ids, self.out.text):
+                gen = early.first(want)
+            elif self.ctx.sampling.temperature <= 0.0:
                 gen = yield from self.greedy_chunk(want, first)
             else:
                 op = GenerateOp(
@@ -695,33 +799,38 @@ class _Run:
             first = False
             reason = f"base: top-1 p >= {self.gamma} at each word start"
 
-    def greedy_chunk(self, want: int, first: bool) -> Generator[list[EngineOp], Any, GeneratedBlock]:
+    def greedy_chunk(
+        self, want: int, first: bool, context: Sequence[int] | None = None, prev: str | None = None
+    ) -> Generator[list[EngineOp], Any, GeneratedBlock]:
         """Up to ``want`` greedy base tokens, one :class:`ViewOp` each through the base's session, ending
         at the first token that would cut the chunk (a word start below ``gamma``, not the turn's first
-        token) or at an end-of-sequence token.
+        token) or at an end-of-sequence token. They follow the base's context, or ``context`` with the
+        output ending in the character ``prev`` (a chunk written ahead of the decision that leads there).
 
         Greedy tokens are the views' top-1 tokens, so this writes what a native chunk would, but stops
         where the base hands over instead of generating tokens that are thrown away, and the session keeps
         the context for the next probes (a native chunk re-reads the context from the prefix cache, which
         on CPU matches in blocks of 128 tokens).
         """
+        base_context = tuple(self.base.ids if context is None else context)
         ids: list[int] = []
         views: list[StepView] = []
         while len(ids) < want:
-            (view,) = yield [ViewOp("base", (*self.base.ids, *ids), ViewSpec(top_k=1))]
+            (view,) = yield [ViewOp("base", (*base_context, *ids), ViewSpec(top_k=1))]
             token, lp = view.top()
             ids.append(token)
             views.append(view)
             if token in self.base.eos:
                 return GeneratedBlock(token_ids=ids, views=views, finished=True)
             cuttable = lp < self.log_gamma and not (first and len(ids) == 1)
-            if cuttable and len(ids) - 1 in self.word_start_tokens(self.base.segment(ids)):
+            if cuttable and len(ids) - 1 in self.word_start_tokens(self.base.segment(ids, base_context), prev):
                 break
         return GeneratedBlock(token_ids=ids, views=views, finished=False)
 
-    def word_start_tokens(self, seg: _Segment) -> list[int]:
-        """Indexes of the tokens of ``seg`` (about to follow the output) that start a word."""
-        flags = self.word_starts(seg.text)
+    def word_start_tokens(self, seg: _Segment, prev: str | None = None) -> list[int]:
+        """Indexes of the tokens of ``seg`` (about to follow the output, or the character ``prev``) that
+        start a word."""
+        flags = self.word_starts(seg.text, prev)
         return [
             k for k in range(len(seg.ids)) if (o := seg.offsets[k]) is not None and o < len(seg.text) and flags[o]
         ]

@@ -333,6 +333,42 @@ def test_engine_calls_are_few() -> None:
         assert {e.role for e in result.emits} == {"base", "aligner"}
 
 
+def test_roles_step_side_by_side_with_the_end_lookahead() -> None:
+    """Greedy, with the end lookahead: the aligner's block grows whatever the base says, so its next token
+    is computed in the same batch as a probe of the base, and the base writes its first chunk after a
+    take-over in the same batches as the aligner completes its block (the output is the reference's:
+    test_matches_reference)."""
+    for seed in (2, 4):
+        result = run({"stop_on_repetition": False}, random_world(LEADING, seed), random_world(CHARS, seed),
+                     max_tokens=60)
+        pairs = [b for b in result.batches if len(b) > 1]
+        assert all(sorted(op.role for op in b) == ["aligner", "base"] for b in pairs)
+        base_turns = sum(1 for role, _ in merged(result) if role == "base")
+        assert base_turns and len(pairs) >= base_turns
+        # the chunks written early were used: the base's session restarts no more than before, at most once
+        # per hand-over
+        steps = [op.context for op in result.ops_of(ViewOp) if op.role == "base"]
+        restarts = sum(1 for a, b in itertools.pairwise(steps) if b[: len(a)] != a)
+        assert restarts <= len(merged(result))
+
+
+def test_chunk_written_early_is_dropped_when_the_aligner_ends() -> None:
+    """The base agrees to take over at " the", but the aligner ends its block after " cat sat": the block
+    is the answer, and the base's early chunk stops with the aligner's end and is not output."""
+    aligner = TextWorld(LEADING, {"<s>": "sure", "sure": "the", "the": "cat", "cat": "sat", "sat": None}, {})
+    base = TextWorld(LEADING, {"<s>": "so", "sure": "the", "the": "cat", "cat": "sat", "sat": "on"}, {})
+    result = run({"block_tokens": 6}, base, aligner)
+    assert merged(result) == [("aligner", " sure the cat sat")] and result.finish.reason == "stop"
+    # the probe at " the", then the chunk from there (its first view is the probe's again), one token each
+    # time the aligner writes one; the aligner's end stops it
+    base_steps = [LEADING.decode(op.context) for op in result.ops_of(ViewOp) if op.role == "base"]
+    assert [s.removeprefix("q: a:") for s in base_steps] == [" sure", " sure", " sure the"]
+    ref, reason = nudging_reference(
+        base.ref_role(), aligner.ref_role(), block_tokens=6, max_tokens=40, prompt_last_char=":", shared=True
+    )
+    assert ref == merged(result) and reason == result.finish.reason
+
+
 # ---- the decoder against the reference ----------------------------------------------------------
 
 PAIRS = {
