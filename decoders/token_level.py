@@ -175,6 +175,12 @@ def merge_views(a: StepView, b: StepView) -> StepView:
     return StepView(logprobs=vals[order], token_ids=uniq[order])
 
 
+def _reason(ctx: DecoderContext, scores: Scores, token_id: int) -> str:
+    """The provenance reason of a chosen token; only a traced request reads reasons, so others skip the
+    work (decoding token texts, formatting probabilities)."""
+    return scores.explain(token_id) if ctx.trace else ""
+
+
 def token_text(ctx: DecoderContext, role: str, token_id: int) -> str:
     """The text of one token in ``role``'s tokenizer, for provenance reasons."""
     try:
@@ -447,7 +453,7 @@ class TokenLevelDecoder(Decoder):
         extra_results = list((yield extra)) if extra else []
         target = self._target(r, step, self.scores(step, views, extra_results))
         token = self._choose(r, target)
-        return (yield from self._commit(r, token, target.scores.explain(token), target))
+        return (yield from self._commit(r, token, _reason(r.ctx, target.scores, token), target))
 
     # ---- speculative draft-and-verify ------------------------------------------------------------------
 
@@ -539,10 +545,10 @@ class TokenLevelDecoder(Decoder):
             else:
                 q = sampling_probs(block.views[i].dense(r.vocab_size), r.temperature)
                 kept, choice = speculative_step(target.probs, q, drafted, r.ctx.rng)
-            reason = target.scores.explain(choice)
-            if kept:
+            reason = _reason(r.ctx, target.scores, choice)
+            if r.ctx.trace and kept:
                 reason += f" [drafted by {draft}, kept]"
-            else:
+            elif r.ctx.trace:
                 reason += f" [replaces {draft}'s draft {token_text(r.ctx, draft, drafted)!r}]"
             finish = yield from self._commit(r, choice, reason, target)
             if finish is not None or not kept:

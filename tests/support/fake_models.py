@@ -151,8 +151,10 @@ def make_context(
     top_logprobs: int = 0,
     grammar: Any = None,
     models: Mapping[str, str] | None = None,
+    trace: bool = True,
 ) -> DecoderContext:
-    """A :class:`DecoderContext` over ``roles`` (name -> (prompt ids, vocab size)) sharing one tokenizer."""
+    """A :class:`DecoderContext` over ``roles`` (name -> (prompt ids, vocab size)) sharing one tokenizer
+    (traced by default, so that emits carry their provenance reasons)."""
     role_ctx = {
         name: RoleContext(
             name=name,
@@ -172,6 +174,7 @@ def make_context(
         rng=np.random.default_rng(seed),
         stop_strings=tuple(stop_strings),
         top_logprobs=top_logprobs,
+        trace=trace,
         grammar=grammar,
     )
 

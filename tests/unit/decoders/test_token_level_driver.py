@@ -87,6 +87,25 @@ def test_greedy_follows_the_merged_argmax() -> None:
     assert all(e.role == "a" and e.reason.startswith("mix: chose") for e in result.emits)
 
 
+@pytest.mark.parametrize("speculative", [None, {"block_size": 3}])
+def test_reasons_are_written_only_for_a_traced_request(speculative: dict | None) -> None:
+    """Reasons only reach a client in the alignment trace: an untraced run never asks for them, and the
+    tokens are the same."""
+    asked: list[int] = []
+
+    class Counting(Mix):
+        def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
+            logits = views["a"].dense(step.vocab_size) + views["b"].dense(step.vocab_size)
+            return Scores(logits, explain=lambda t: asked.append(t) or f"mix: chose {t}")
+
+    decoder = Counting(Counting.parse_params({"speculative": speculative}))
+    plain = ContractExecutor(models()).run(decoder, context(max_tokens=10, trace=False))
+    assert not asked and plain.emits and all(e.reason == "" for e in plain.emits)
+    traced = ContractExecutor(models()).run(decoder, context(max_tokens=10))
+    assert traced.tokens == plain.tokens and asked
+    assert all(e.reason.startswith("mix: chose") for e in traced.emits)
+
+
 def test_views_read_each_roles_own_prompt_plus_output() -> None:
     result = ContractExecutor(models()).run(mix(), context(max_tokens=3))
     views = result.ops_of(ViewOp)
