@@ -11,6 +11,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
+
 from alignd.decoders.contract import GeneratedBlock, GenerateOp, ScoreOp, StepView, ViewSpec
 
 __all__ = [
@@ -25,6 +27,7 @@ __all__ = [
     "Session",
     "StructuredSpec",
     "TokenLogprob",
+    "derive_view",
 ]
 
 
@@ -117,6 +120,34 @@ class ModelInfo:
     max_model_len: int
     eos_token_ids: frozenset[int]
     task: str = "generate"
+
+
+def derive_view(have_want: ViewSpec, have: StepView, want: ViewSpec) -> StepView | None:
+    """``want`` at a position from the view already fetched there for ``have_want``, if it holds it (a session
+    asked again where it stands answers from its last view instead of asking its engine)."""
+    if want == have_want:
+        return have
+    if have.token_ids is None:  # the full distribution holds every view
+        if want.full:
+            return have
+        ids = np.asarray(sorted(set(want.token_ids)), dtype=np.int64)
+        if want.top_k:
+            top = np.argsort(-have.logprobs, kind="stable")[: want.top_k]
+            ids = np.union1d(ids, top)
+        ids = ids[ids < have.logprobs.shape[0]]
+        vals = have.logprobs[ids]
+        order = np.argsort(-vals, kind="stable")
+        return StepView(logprobs=vals[order], token_ids=ids[order])
+    if want.full or (want.top_k and (have_want.token_ids or want.top_k > have_want.top_k)):
+        return None
+    index = {int(t): i for i, t in enumerate(have.token_ids)}
+    if any(int(t) not in index for t in want.token_ids):
+        return None
+    keep = sorted({index[int(t)] for t in want.token_ids} | set(range(min(want.top_k, len(index)))))
+    sel = np.asarray(keep, dtype=np.int64)
+    vals, ids = have.logprobs[sel], have.token_ids[sel]
+    order = np.argsort(-vals, kind="stable")
+    return StepView(logprobs=vals[order], token_ids=ids[order])
 
 
 class Session(ABC):

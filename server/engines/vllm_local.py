@@ -28,6 +28,7 @@ from alignd.server.engines.base import (
     SamplingSpec,
     Session,
     TokenLogprob,
+    derive_view,
 )
 from alignd.server.engines.cpu_binding import BIND_ENV, omp_bind_value
 from alignd.server.engines.vllm_plugin import STEP_GROUP_KEY
@@ -217,38 +218,11 @@ def _row_view(row: _RawRow, want: ViewSpec, vocab_size: int) -> StepView:
         full = StepView(logprobs=dense)
         if want.full:
             return full
-        derived = _derive_view(ViewSpec(full=True), full, want)
+        derived = derive_view(ViewSpec(full=True), full, want)
         assert derived is not None
         return derived
     k = max(1, want.top_k)
     return _position_view(ids[: k + 1], lps[: k + 1], want)  # the sampled token, then the ranked ones
-
-
-def _derive_view(have_want: ViewSpec, have: StepView, want: ViewSpec) -> StepView | None:
-    """``want`` at a position from the view already fetched there for ``have_want``, if it holds it."""
-    if want == have_want:
-        return have
-    if have.token_ids is None:  # the full distribution holds every view
-        if want.full:
-            return have
-        ids = np.asarray(sorted(set(want.token_ids)), dtype=np.int64)
-        if want.top_k:
-            top = np.argsort(-have.logprobs, kind="stable")[: want.top_k]
-            ids = np.union1d(ids, top)
-        ids = ids[ids < have.logprobs.shape[0]]
-        vals = have.logprobs[ids]
-        order = np.argsort(-vals, kind="stable")
-        return StepView(logprobs=vals[order], token_ids=ids[order])
-    if want.full or (want.top_k and (have_want.token_ids or want.top_k > have_want.top_k)):
-        return None
-    index = {int(t): i for i, t in enumerate(have.token_ids)}
-    if any(int(t) not in index for t in want.token_ids):
-        return None
-    keep = sorted({index[int(t)] for t in want.token_ids} | set(range(min(want.top_k, len(index)))))
-    sel = np.asarray(keep, dtype=np.int64)
-    vals, ids = have.logprobs[sel], have.token_ids[sel]
-    order = np.argsort(-vals, kind="stable")
-    return StepView(logprobs=vals[order], token_ids=ids[order])
 
 
 def _position_view(ids: Sequence[int], lps: Sequence[float], want: ViewSpec) -> StepView:
@@ -333,7 +307,7 @@ class _LocalSession(Session):
         if self._outputs is not None and context == self._context and self._last:
             # asked again at the position it holds: from the view it has, else by a one-off request that
             # leaves the session where it is
-            derived = _derive_view(self._last[0], self._last[1], want)
+            derived = derive_view(self._last[0], self._last[1], want)
             if derived is not None:
                 return derived
             block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))

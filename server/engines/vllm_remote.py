@@ -75,6 +75,7 @@ from alignd.server.engines.base import (
     Session,
     StructuredSpec,
     TokenLogprob,
+    derive_view,
 )
 from alignd.server.settings import ModelSettings
 
@@ -270,11 +271,9 @@ class _RemoteSession(Session):
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
         key = tuple(context)
         if self._last is not None and self._last[0] == key:
-            have_want, have = self._last[1], self._last[2]
-            if have_want == want:
-                return have
-            if have.is_full:  # asked again at the same position: the full row holds every view
-                return have if want.full else _view(dict(enumerate(have.logprobs.tolist())), want, 0)
+            derived = derive_view(self._last[1], self._last[2], want)
+            if derived is not None:
+                return derived
         view = await self._engine._next_view(self._request_id, key, want)
         self._last = (key, want, view)
         return view

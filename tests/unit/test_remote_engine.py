@@ -325,6 +325,8 @@ async def test_session_views(engine: RemoteVLLMEngine, fake: FakeVLLM) -> None:
     nxt = _dist([1, 2, 3, 4])
     top = await session.view([1, 2, 3, 4], ViewSpec(top_k=3))
     assert list(top.token_ids) == sorted(nxt, key=lambda t: -nxt[t])[:3] and len(fake.calls) == 2
+    one = await session.view([1, 2, 3, 4], ViewSpec(top_k=1))  # narrower than the last view: no new request
+    assert list(one.token_ids) == list(top.token_ids[:1]) and len(fake.calls) == 2
     chosen = await session.view([1, 2, 3], ViewSpec(token_ids=(5, 2)))
     assert fake.calls[-1][2]["logprob_token_ids"] == [2, 5] and fake.calls[-1][2]["logprobs"] == 2
     assert set(chosen.token_ids) == {2, 5} and chosen.logprob_of(5) == pytest.approx(dist[5])
