@@ -280,7 +280,8 @@ def create_app(
     @app.get("/metrics")
     async def metrics() -> Response:
         ready = {name: m.engine.ready for name, m in pool.models.items()}
-        return Response(app.state.metrics.render(ready), media_type="text/plain; version=0.0.4")
+        rewinds = {name: m.engine.rewinds for name, m in pool.models.items()}
+        return Response(app.state.metrics.render(ready, rewinds), media_type="text/plain; version=0.0.4")
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict[str, Any]:

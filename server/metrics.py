@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, Metric
 
 __all__ = ["Metrics"]
+
+
+class _SessionRewinds:
+    """Sessions each engine rewound in place (a count the engine keeps), read when /metrics is scraped."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "alignd_session_rewinds", "Decoder sessions rewound in place instead of restarted, by model.",
+            labels=["model"],
+        )
+        for model, count in self.counts.items():
+            family.add_metric([model], count)
+        yield family
 
 
 class Metrics:
@@ -40,6 +58,8 @@ class Metrics:
         self.in_flight = Gauge("alignd_requests_in_flight", "Requests being served.", registry=self.registry)
         self.engine_up = Gauge("alignd_engine_up", "1 when a hosted model's engine is ready.", ["model"],
                                registry=self.registry)
+        self.session_rewinds = _SessionRewinds()
+        self.registry.register(self.session_rewinds)
 
     def observe_tokens(self, prepared: Any, prompt_tokens: int, completion_tokens: int) -> None:
         """Count the tokens of one finished request."""
@@ -47,8 +67,9 @@ class Metrics:
         self.prompt_tokens.labels(target).inc(prompt_tokens)
         self.completion_tokens.labels(target).inc(completion_tokens)
 
-    def render(self, engines_ready: dict[str, bool]) -> bytes:
-        """The exposition text."""
+    def render(self, engines_ready: dict[str, bool], session_rewinds: dict[str, int] | None = None) -> bytes:
+        """The exposition text; ``session_rewinds`` are the engines' own counts."""
         for name, ready in engines_ready.items():
             self.engine_up.labels(name).set(1 if ready else 0)
+        self.session_rewinds.counts = dict(session_rewinds or {})
         return generate_latest(self.registry)

@@ -181,6 +181,8 @@ class Engine(ABC):
     """A hosted model: native generation, open sessions, block scoring and rewards."""
 
     info: ModelInfo
+    rewinds: int = 0
+    """Sessions rewound in place so far (by engines whose sessions can go back without a new request)."""
 
     @abstractmethod
     async def start(self) -> None:

@@ -31,7 +31,7 @@ from alignd.server.engines.base import (
     derive_view,
 )
 from alignd.server.engines.cpu_binding import BIND_ENV, omp_bind_value
-from alignd.server.engines.vllm_plugin import STEP_GROUP_KEY
+from alignd.server.engines.vllm_plugin import REWIND_KEY, STEP_GROUP_KEY, can_rewind
 from alignd.server.settings import ModelSettings
 
 __all__ = ["LocalVLLMEngine", "on_cpu"]
@@ -279,6 +279,14 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
 class _LocalSession(Session):
     def __init__(self, engine: LocalVLLMEngine, request_id: str) -> None:
         self._engine = engine
@@ -289,6 +297,7 @@ class _LocalSession(Session):
         self._last: tuple[ViewSpec, StepView] | None = None
         self._opened_with = 0
         self._group: tuple[str, int] | None = None
+        self._keep: int | None = None  # the next chunk rewinds the engine's request to this many tokens first
 
     def join_step(self, group: str, size: int) -> None:
         self._group = (group, size)
@@ -303,7 +312,7 @@ class _LocalSession(Session):
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
         group, self._group = self._group, None
         context = list(context)
-        await self._close_if_diverged(context)
+        await self._meet(context, len(context))
         if self._outputs is not None and context == self._context and self._last:
             # asked again at the position it holds: from the view it has, else by a one-off request that
             # leaves the session where it is
@@ -329,7 +338,7 @@ class _LocalSession(Session):
         the context and every written token but the last (vLLM drops a chunk's final sample)."""
         self._group = None
         context = list(op.context)
-        await self._close_if_diverged(context)
+        await self._meet(context, len(context))
         if op.sampling.temperature > 0 or (self._outputs is not None and context == self._context):
             return None  # sampling, or nothing to append (a chunk carries at least one token)
         params = _view_params(
@@ -363,9 +372,7 @@ class _LocalSession(Session):
         if not engine.chunk_scoring or (columns + 1) * len(context) > _MAX_CHUNK_ROW_VALUES:
             return None
         self._group = None
-        await self._close_if_diverged(context)
-        if self._outputs is not None and len(self._context) > start:
-            await self.close()  # it holds positions past the first one asked for
+        await self._meet(context, start)  # not past the first position asked for
         if self._outputs is None:
             await self.view(context[:start], want)
         held = len(self._context)
@@ -389,10 +396,22 @@ class _LocalSession(Session):
                 views[p] = _row_view(rows.row(p - 1), want, engine.info.vocab_size)
         return [views[p] for p in range(start, len(context) + 1)]
 
-    async def _close_if_diverged(self, context: list[int]) -> None:
-        n = len(self._context)
-        if self._outputs is not None and (len(context) < n or context[:n] != self._context):
-            await self.close()  # the context diverged: start over (the prefix cache keeps most of it)
+    async def _meet(self, context: list[int], most: int) -> None:
+        """Make the open session hold a prefix of ``context`` of at most ``most`` tokens: as it is when it
+        does, else rewound in place to fewer than ``most`` (see ``vllm_plugin``: the next chunk then carries
+        at least one token), else closed (a new request reads the context again from the prefix cache)."""
+        held = self._context
+        n = len(held)
+        if self._outputs is None or (n <= most and context[:n] == held):
+            return
+        keep = min(_common_prefix(held, context), most - 1)
+        block = self._engine.rewind_block
+        if block is not None and can_rewind(keep, n, block):
+            self._context, self._last, self._keep = context[:keep], None, keep
+            self._opened_with = min(self._opened_with, keep)
+            self._engine.rewinds += 1
+        else:
+            await self.close()
 
     async def _append(self, context: list[int], params: Any) -> Any:
         """Send what ``context`` adds to the session (all of it when closed); returns the first output."""
@@ -400,6 +419,10 @@ class _LocalSession(Session):
         from vllm.inputs.engine import tokens_input
 
         delta = context[len(self._context):] if self._outputs is not None else context
+        if self._keep is not None:
+            params = params.clone()
+            params.extra_args = {**(params.extra_args or {}), REWIND_KEY: self._keep}
+            self._keep = None
         # A rendered input: a raw TokensPrompt goes through the renderer again for every chunk (about 6% of the
         # gateway's CPU per session step). vLLM mutates the first chunk's prompt list in place (a known bug):
         # pass a copy.
@@ -429,7 +452,7 @@ class _LocalSession(Session):
 
     async def close(self) -> None:
         outputs, self._outputs = self._outputs, None
-        self._context, self._last = [], None
+        self._context, self._last, self._keep = [], None, None
         if outputs is not None:
             aclose = getattr(outputs, "aclose", None)
             if aclose is not None:
@@ -454,6 +477,8 @@ class LocalVLLMEngine(Engine):
         self._session_params: dict[ViewSpec, Any] = {}
         self.chunk_scoring = True
         """Whether sessions score appended chunks (alignd's vLLM plugin; off once the runner returns no rows)."""
+        self.rewind_block: int | None = None
+        """KV block size within which sessions rewind in place (alignd's vLLM plugin); ``None``: they restart."""
 
     def engine_args(self) -> Any:
         """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""
@@ -513,6 +538,7 @@ class LocalVLLMEngine(Engine):
                 else:
                     os.environ[BIND_ENV] = saved
         _cache_eos_lookup(self.llm)
+        self.rewind_block = await self._rewind_block_size()
         cfg = self.llm.model_config
         eos: set[int] = set()
         gen_cfg = getattr(cfg, "hf_config", None)
@@ -529,6 +555,18 @@ class LocalVLLMEngine(Engine):
             task=self.settings.task,
         )
         self._ready = True
+
+    async def _rewind_block_size(self) -> int | None:
+        """The engine core's answer to whether its sessions can rewind in place (``None`` also when alignd's
+        plugin does not run there)."""
+        if self.settings.task == "reward":
+            return None
+        try:
+            size = await self.llm.engine_core.call_utility_async("alignd_rewind_block_size")
+        except Exception as exc:  # noqa: BLE001 (vLLM reports a failed utility call as a bare Exception)
+            log.info("model %s: sessions restart instead of rewinding (%s)", self.name, exc)
+            return None
+        return int(size) if size else None
 
     async def shutdown(self) -> None:
         self._ready = False

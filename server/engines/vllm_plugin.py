@@ -1,9 +1,9 @@
-"""alignd's vLLM plugin: session steps a decoder sends together run in one engine step, and a session's
-appended chunk can carry prompt log-probabilities.
+"""alignd's vLLM plugin: session steps a decoder sends together run in one engine step, a session's
+appended chunk can carry prompt log-probabilities, and a session can be rewound in place.
 
 vLLM loads it in every process it starts (entry point group ``vllm.general_plugins``); it changes nothing
-unless a request carries :data:`STEP_GROUP_KEY` in ``SamplingParams.extra_args``, or a streaming-input
-session's later chunk asks for ``prompt_logprobs``.
+unless a request carries :data:`STEP_GROUP_KEY` or :data:`REWIND_KEY` in ``SamplingParams.extra_args``,
+or a streaming-input session's later chunk asks for ``prompt_logprobs``.
 
 Step groups
 -----------
@@ -50,16 +50,22 @@ from typing import Any
 __all__ = [
     "RETURN_WAIT_FRACTION",
     "RETURN_WAIT_MAX",
+    "REWIND_KEY",
     "STEP_GROUP_KEY",
     "WAIT_SECONDS",
     "await_groups",
     "await_inputs",
+    "can_rewind",
     "register",
     "register_chunk_prompt_logprobs",
+    "register_session_rewind",
     "returning_sessions",
+    "rewind_block_size",
+    "rewind_request",
 ]
 
 STEP_GROUP_KEY = "alignd_step_group"  # extra_args value: [group id, number of chunks in the group]
+REWIND_KEY = "alignd_keep"  # extra_args value: how many of the session's tokens to keep before this chunk
 WAIT_SECONDS = 0.003  # longest wait for a group's missing chunks (a lost chunk costs this once)
 # Longest wait for the sessions of the last engine step to send their next chunks: this fraction of that
 # step's duration, and never more than RETURN_WAIT_MAX seconds.
@@ -83,6 +89,7 @@ def register() -> None:
     alone."""
     register_chunk_prompt_logprobs()
     register_step_groups()
+    register_session_rewind()
 
 
 def register_chunk_prompt_logprobs() -> None:
@@ -217,3 +224,74 @@ def await_inputs(
         except queue.Empty:
             return
         handle(item)
+
+
+def rewind_block_size(kv_cache_config: Any) -> int | None:
+    """The KV block size of a model whose sessions can be rewound in place (every layer keeps plain
+    full-attention KV in blocks of one size), else ``None``."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    sizes = set()
+    for group in kv_cache_config.kv_cache_groups:
+        spec = group.kv_cache_spec
+        if type(spec) not in (FullAttentionSpec, MLAAttentionSpec):
+            return None
+        sizes.add(int(spec.block_size))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def can_rewind(keep: int, held: int, block_size: int) -> bool:
+    """Whether a session holding ``held`` computed tokens can go back to its first ``keep`` in place: the
+    tokens dropped all lie in the block it was filling, which only this session's KV occupies."""
+    return 0 < keep <= held and keep // block_size == held // block_size
+
+
+def rewind_request(request: Any, keep: int) -> None:
+    """Drop all but the first ``keep`` tokens of a scheduler request waiting between chunks (vLLM's
+    ``Request``), as if it had never computed the rest."""
+    prompt = request.num_prompt_tokens
+    if keep < prompt:
+        del request.prompt_token_ids[keep:]
+        request.num_prompt_tokens = keep
+        request._output_token_ids.clear()
+    else:
+        del request._output_token_ids[keep - prompt:]
+    del request._all_token_ids[keep:]
+    request.num_computed_tokens = keep
+
+
+def register_session_rewind() -> None:
+    """Make vLLM's scheduler honour :data:`REWIND_KEY` on a session's chunk, and give the engine core the
+    utility call ``alignd_rewind_block_size`` (see the module docstring)."""
+    try:
+        from vllm.v1.core.sched.scheduler import Scheduler
+        from vllm.v1.engine.core import EngineCore
+    except ImportError:
+        return
+    update = getattr(Scheduler, "_update_request_as_session", None)
+    if update is None or getattr(Scheduler, "_alignd_rewind", False):
+        return
+
+    def block_size(scheduler: Any) -> int | None:
+        if "_alignd_rewind_block" not in scheduler.__dict__:
+            scheduler._alignd_rewind_block = rewind_block_size(scheduler.kv_cache_config)
+        return scheduler._alignd_rewind_block  # type: ignore[no-any-return]
+
+    def update_request_as_session(self: Any, session: Any, chunk: Any) -> None:
+        params = chunk.sampling_params
+        keep = (params.extra_args or {}).get(REWIND_KEY) if params is not None else None
+        if keep is not None:
+            size = block_size(self)
+            held = session.num_computed_tokens
+            if size is None or not can_rewind(int(keep), held, size):
+                # the gateway asks only where rewind_block_size allows and can_rewind holds
+                raise RuntimeError(f"alignd: cannot rewind session {session.request_id} from {held} to {keep} tokens")
+            rewind_request(session, int(keep))
+        update(self, session, chunk)
+
+    def alignd_rewind_block_size(self: Any) -> int | None:
+        return block_size(self.scheduler)
+
+    Scheduler._update_request_as_session = update_request_as_session  # type: ignore[method-assign, assignment]
+    Scheduler._alignd_rewind = True  # type: ignore[attr-defined]
+    EngineCore.alignd_rewind_block_size = alignd_rewind_block_size  # type: ignore[attr-defined]

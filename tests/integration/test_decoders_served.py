@@ -83,11 +83,24 @@ def _engine_ops(server: RunningServer) -> dict[tuple[str, str], float]:
     }
 
 
+def _session_rewinds(server: RunningServer) -> dict[str, float]:
+    """``alignd_session_rewinds_total`` by model from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.base_url + "/metrics").text
+    return {
+        s.labels["model"]: s.value
+        for family in text_string_to_metric_families(text) if family.name == "alignd_session_rewinds"
+        for s in family.samples if s.name.endswith("_total")
+    }
+
+
 def test_speculative_blocks_are_written_and_scored_in_sessions(
     openai_client: openai.OpenAI, alignd_server: RunningServer, hf: dict[str, Any]
 ) -> None:
     """The draft writes each block inside its session and the amateur scores it as one appended chunk (alignd's
-    vLLM plugin): no block takes a new request, and the output is still the reference's."""
+    vLLM plugin): no block takes a new request, a block cut short rewinds both sessions in place (the plugin
+    again), and the output is still the reference's."""
     from tests.reference import contrastive_ref
     from tests.support.hf_runner import logits_fn
 
@@ -95,11 +108,13 @@ def test_speculative_blocks_are_written_and_scored_in_sessions(
     ids = _prompt_ids(alignd_server, prompt)
     expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids, n,
                                       _eos(hf))
-    before = _engine_ops(alignd_server)
+    before, rewinds_before = _engine_ops(alignd_server), _session_rewinds(alignd_server)
     served, _ = _served(openai_client, "tiny-contrastive-spec", prompt, max_tokens=n)
-    after = _engine_ops(alignd_server)
+    after, rewinds_after = _engine_ops(alignd_server), _session_rewinds(alignd_server)
     grew = {key: after[key] - before.get(key, 0.0) for key in after if after[key] > before.get(key, 0.0)}
+    rewound = {model: rewinds_after[model] - rewinds_before.get(model, 0.0) for model in rewinds_after}
     assert served == expected
+    assert rewound.get("tiny-base", 0) >= 1 and rewound.get("tiny-amateur", 0) >= 1, rewound
     assert grew.get(("tiny-base", "GenerateOp/session"), 0) >= 2, grew
     assert grew.get(("tiny-amateur", "ScoreOp/session"), 0) >= 1, grew
     assert ("tiny-base", "GenerateOp") not in grew and ("tiny-amateur", "ScoreOp") not in grew, grew
