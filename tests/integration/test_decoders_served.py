@@ -120,6 +120,27 @@ def test_speculative_blocks_are_written_and_scored_in_sessions(
     assert ("tiny-base", "GenerateOp") not in grew and ("tiny-amateur", "ScoreOp") not in grew, grew
 
 
+def test_speculative_matches_reference_past_one_kv_block(
+    openai_client: openai.OpenAI, alignd_server: RunningServer, hf: dict[str, Any]
+) -> None:
+    """Past the first 128-token KV block (vLLM's CPU block size) a cut block rewinds the sessions within the
+    block they fill, or restarts them where the cut reaches back into a full block: the output is still the
+    reference's."""
+    from tests.reference import contrastive_ref
+    from tests.support.hf_runner import logits_fn
+
+    prompt, n = PROMPTS[0], 160
+    ids = _prompt_ids(alignd_server, prompt)
+    expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids, n,
+                                      _eos(hf))
+    assert len(ids) + len(expected) > 128 + 8, "the answer must reach past the first KV block"
+    rewinds_before = _session_rewinds(alignd_server)
+    served, _ = _served(openai_client, "tiny-contrastive-spec", prompt, max_tokens=n)
+    rewinds_after = _session_rewinds(alignd_server)
+    assert served == expected
+    assert rewinds_after.get("tiny-base", 0) > rewinds_before.get("tiny-base", 0)
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logit_arithmetic_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
                                             hf: dict[str, Any], prompt: str) -> None:
