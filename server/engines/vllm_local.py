@@ -314,13 +314,14 @@ class _LocalSession(Session):
         context = list(context)
         await self._meet(context, len(context))
         if self._outputs is not None and context == self._context and self._last:
-            # asked again at the position it holds: from the view it has, else by a one-off request that
-            # leaves the session where it is
+            # asked again at the position it holds: from the view it has, else its last token is sent again
+            # with the view wanted (a rewind by one token), else a one-off request (it re-reads the context)
             derived = derive_view(self._last[0], self._last[1], want)
             if derived is not None:
                 return derived
-            block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))
-            return block.views[0]
+            if not self._rewind_to(len(context) - 1):
+                block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))
+                return block.views[0]
         if group is None:
             params = self._engine.session_params(want)
         else:  # the engine core waits for the group's other chunks before it steps (see vllm_plugin)
@@ -404,14 +405,19 @@ class _LocalSession(Session):
         n = len(held)
         if self._outputs is None or (n <= most and context[:n] == held):
             return
-        keep = min(_common_prefix(held, context), most - 1)
-        block = self._engine.rewind_block
-        if block is not None and can_rewind(keep, n, block):
-            self._context, self._last, self._keep = context[:keep], None, keep
-            self._opened_with = min(self._opened_with, keep)
-            self._engine.rewinds += 1
-        else:
+        if not self._rewind_to(min(_common_prefix(held, context), most - 1)):
             await self.close()
+
+    def _rewind_to(self, keep: int) -> bool:
+        """Make the next chunk rewind the open session to its first ``keep`` tokens, where the engine allows
+        (see ``vllm_plugin``); whether it will."""
+        block = self._engine.rewind_block
+        if block is None or not can_rewind(keep, len(self._context), block):
+            return False
+        self._context, self._last, self._keep = self._context[:keep], None, keep
+        self._opened_with = min(self._opened_with, keep)
+        self._engine.rewinds += 1
+        return True
 
     async def _append(self, context: list[int], params: Any) -> Any:
         """Send what ``context`` adds to the session (all of it when closed); returns the first output."""

@@ -143,3 +143,43 @@ async def test_a_diverged_session_rewinds_where_the_engine_allows_and_closes_oth
         session = _open_session(held, rewind_block=block)
         await session._meet([1, 2, 3, 9], 4)
         assert session.context is None and session._engine.rewinds == 0
+
+
+
+@pytest.mark.parametrize(("block", "rewound"), [(16, True), (8, False)])  # 8 tokens held fill a block of 8
+async def test_a_view_the_session_cannot_derive_sends_its_last_token_again(block: int, rewound: bool) -> None:
+    """Asked again where it stands for what its last view lacks, a session rewinds by one token and sends that
+    token again with the view wanted (one decode step), instead of a one-off request that re-reads the whole
+    context; where it cannot rewind, the one-off request it is."""
+    import numpy as np
+
+    from alignd.decoders.contract import GeneratedBlock, StepView, ViewSpec
+    from alignd.server.engines.vllm_local import _RawRow
+
+    held = [1, 2, 3, 4, 5, 6, 7, 8]
+    row = _RawRow((np.array([5, 5, 3, 7]), np.array([-0.1, -0.1, -2.0, -3.0])))
+    sent: list[tuple[list[int], int | None]] = []
+    one_offs: list[tuple[int, ...]] = []
+    session = _open_session(held, rewind_block=block)
+    engine = session._engine
+    engine.info = SimpleNamespace(vocab_size=16)
+    engine.session_params = lambda want: want
+
+    async def generate_block(request_id: str, op: Any) -> GeneratedBlock:
+        one_offs.append(tuple(op.context))
+        return GeneratedBlock(token_ids=[5], views=[StepView(logprobs=np.zeros(16))], finished=False)
+
+    async def append(context: list[int], params: Any) -> Any:
+        sent.append((context[len(session._context):], session._keep))
+        session._keep = None
+        return SimpleNamespace(outputs=[SimpleNamespace(logprobs=[row])])
+
+    engine.generate_block = generate_block
+    session._append = append  # type: ignore[method-assign]
+    session._last = (ViewSpec(top_k=2), StepView(logprobs=np.array([-0.1, -2.0]), token_ids=np.array([5, 3])))
+    view = await session.view(held, ViewSpec(full=True))
+    if rewound:
+        assert sent == [([8], 7)] and not one_offs
+        assert view.logprobs[7] == -3.0 and session.context == tuple(held) and engine.rewinds == 1
+    else:
+        assert not sent and one_offs == [tuple(held)] and engine.rewinds == 0
