@@ -5,7 +5,8 @@ The order of one decoder step, as it runs here:
 1. resume the decoder generator with the results of its previous operations;
 2. it yields either an :class:`Emit` (passed on to the caller at once, so streaming follows decisions) or
    a list of engine operations;
-3. the operations run concurrently (``asyncio.gather``): every :class:`ViewOp` goes to the open session of
+3. the operations run concurrently (``asyncio.gather``; those of one role one after another, in order, since
+   a session is one sequence in the engine): every :class:`ViewOp` goes to the open session of
    its role (vLLM streaming input: the KV cache stays, only new tokens are sent), and so do
    :class:`GenerateOp` and :class:`ScoreOp` where the session can run them (a greedy block written natively,
    a block scored as one appended chunk), else they become native vLLM requests; :class:`RewardOp` becomes a
@@ -61,8 +62,18 @@ class DecoderExecutor:
         self._format_reward_pair = format_reward_pair or (lambda _role, p, r: p + r)
         self._on_op = on_op
         self._groups = 0
+        self._role_locks: dict[str, asyncio.Lock] = {}
 
     async def _run_op(self, op: EngineOp) -> Any:
+        if not isinstance(op, (ViewOp, GenerateOp, ScoreOp)):
+            return await self._run_role_op(op)
+        # A batch may ask one role at several positions (a speculative block's refinements): its session
+        # takes them one at a time, as a session moving to one position must not be moved by another.
+        lock = self._role_locks.setdefault(op.role, asyncio.Lock())
+        async with lock:
+            return await self._run_role_op(op)
+
+    async def _run_role_op(self, op: EngineOp) -> Any:
         engine = self.engines[op.role]
         if isinstance(op, (ViewOp, GenerateOp, ScoreOp)):
             pre = self._prefetch.pop(op.role, None)
@@ -102,12 +113,14 @@ class DecoderExecutor:
         """Tell the sessions of one engine that step together in this batch (views, except those a
         prefetch already answers, and the prefetches just started) that they belong together, so the
         engine computes them in one step."""
-        by_engine: dict[int, list[Session]] = {}
+        by_engine: dict[int, dict[int, Session]] = {}
         for role in [op.role for op in ops if isinstance(op, ViewOp) and op.role not in self._prefetch]:
-            by_engine.setdefault(id(self.engines[role]), []).append(self._session(role))
+            session = self._session(role)
+            by_engine.setdefault(id(self.engines[role]), {})[id(session)] = session
         for role in prefetched:
-            by_engine.setdefault(id(self.engines[role]), []).append(self._sessions[role])
-        for sessions in by_engine.values():
+            by_engine.setdefault(id(self.engines[role]), {})[id(self._sessions[role])] = self._sessions[role]
+        for members in by_engine.values():
+            sessions = list(members.values())  # a role asked twice in a batch steps once at a time
             if len(sessions) > 1:
                 self._groups += 1
                 group = f"{self.request_id}-{self._groups}"

@@ -64,6 +64,20 @@ def test_nudging_across_tokenizers(client: openai.OpenAI) -> None:
     assert set(trace["role_token_share"]) <= {"base", "aligner"}
 
 
+def test_speculative_contrastive_on_a_large_vocabulary(client: openai.OpenAI) -> None:
+    """On SmolLM2's 49k vocabulary contrastive reads top-k views, so verifying a drafted block can ask the
+    amateur again at several positions in one batch (its refinements): the request succeeds and keeps
+    drafted tokens. (bf16 numerics differ between drafted and stepwise runs, so the text is not compared
+    here; the tiny fp32 tests compare tokens.)"""
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    spec = {"alignment": {"trace": True, "params": {"speculative": {"draft_role": "expert", "block_size": 8}}}}
+    out = client.chat.completions.create(model="contrastive-prompt", messages=messages, max_tokens=32,
+                                         temperature=0, extra_body=spec)
+    trace = out.choices[0].model_extra["alignment_trace"]
+    assert out.choices[0].message.content
+    assert any("drafted by expert" in span.get("reason", "") for span in trace["spans"]), trace["spans"][:3]
+
+
 def _python_blocks(path: Path) -> list[str]:
     import re
 

@@ -3,6 +3,7 @@ requests when it cannot; the operation counter says which."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Generator
 from typing import Any, ClassVar
 
@@ -13,6 +14,7 @@ from alignd.decoders.contract import (
     SamplingOptions,
     ScoreOp,
     StepView,
+    ViewOp,
     ViewSpec,
 )
 from alignd.server.generation.executor import DecoderExecutor
@@ -62,3 +64,55 @@ async def test_blocks_run_in_sessions_that_can_and_as_requests_otherwise() -> No
     assert events == [Finish("stop")]
     assert [op.sampling.temperature for op in BlockSession.generated] == [0.0]
     assert sorted(ops) == [("draft", "GenerateOp"), ("draft", "GenerateOp/session"), ("other", "ScoreOp")]
+
+
+class OneAtATimeSession(FakeSession):
+    """A session that records its views in order and fails if a second one enters while one runs (a real
+    session moving to one position must not be moved to another meanwhile)."""
+
+    def __init__(self, engine: FakeEngine, request_id: str) -> None:
+        super().__init__(engine, request_id)
+        self.busy = False
+
+    async def view(self, context: Any, want: ViewSpec) -> StepView:
+        assert not self.busy, "two views of one session at once"
+        self.busy = True
+        try:
+            await asyncio.sleep(0.005)
+            return await super().view(context, want)
+        finally:
+            self.busy = False
+
+
+class OneAtATimeEngine(FakeEngine):
+    """A fake engine whose sessions refuse concurrent views."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.opened: list[OneAtATimeSession] = []
+
+    def open_session(self, request_id: str) -> OneAtATimeSession:
+        session = OneAtATimeSession(self, request_id)
+        self.opened.append(session)
+        return session
+
+
+async def test_a_role_asked_at_several_positions_in_one_batch_is_asked_in_order() -> None:
+    """A speculative block's refinements may ask one role at several positions in one batch: its session
+    takes them one at a time, in the batch's order, while other roles run alongside."""
+    engine, other = OneAtATimeEngine("m"), OneAtATimeEngine("o")
+    await engine.start()
+    await other.start()
+    want = ViewSpec(top_k=2)
+    asked = [(1, 2, 3), (1, 2), (1, 2, 3, 4)]
+    results: list[Any] = []
+
+    def run() -> Generator[Any, Any, Finish]:
+        results.extend((yield [*(ViewOp("a", c, want) for c in asked), ViewOp("b", (1,), want)]))
+        return Finish("stop")
+
+    executor = DecoderExecutor({"a": engine, "b": other}, "req")
+    events = [e async for e in executor.run(run())]
+    assert isinstance(events[-1], Finish)
+    assert len(results) == 4
+    assert [s.contexts for s in engine.opened] == [asked]
