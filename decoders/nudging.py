@@ -497,6 +497,16 @@ class _Run:
         prompt_tail = b.prompt_text or self.base.tok.decode(self.base.anchor(b.prompt_ids))
         self.prompt_last_char = prompt_tail[-1:]
 
+    @property
+    def greedy(self) -> bool:
+        """Whether the request decodes greedily (temperature 0)."""
+        return self.ctx.sampling.temperature <= 0.0
+
+    def base_context_at(self, bseg: _Segment, k: int) -> tuple[int, ...]:
+        """The base's context at token ``k`` of the block in its tokens (``bseg``): where it is probed there,
+        and where it writes from when it takes over there."""
+        return (*self.base.ids[: bseg.keep], *bseg.ids[:k])
+
     def joiner(self, text: str) -> str:
         """A space between the base's prompt and the answer when the prompt ends in a word and the answer
         starts with one: chat templates end in a newline (the aligner writes "Sure"), plain formats in
@@ -533,7 +543,6 @@ class _Run:
             rejected: dict[int, str] = {}  # word starts the base declined, with the aligner's reason
             takeover: tuple[int, int, str] | None = None  # (offset, base index, the base's reason)
             lookahead = self.p.aligner_end_lookahead
-            greedy = self.ctx.sampling.temperature <= 0.0
             probed: dict[tuple[int, ...], StepView] = {}  # the base's views at this round's word starts
             early: _EarlyChunk | None = None
             while True:
@@ -541,7 +550,7 @@ class _Run:
                 block, bseg, candidates = self.block_in_base()
                 # with the end lookahead a greedy block grows until it is full whatever the base says, so its
                 # next token is computed alongside the first probe (the two roles step at the same time)
-                grow = lookahead and greedy and not full
+                grow = lookahead and self.greedy and not full
                 grown: tuple[list[int], bool] | None = None
                 for rel, k in candidates:
                     if rel in rejected or (ended and lookahead):
@@ -571,8 +580,8 @@ class _Run:
                     takeover = None
                     completing = self.complete_block(ended)
                     want = min(self.p.base_chunk_tokens, self.out.room)
-                    if greedy and want > 0 and not ended:
-                        context = (*self.base.ids[: bseg.keep], *bseg.ids[:k])
+                    if self.greedy and want > 0 and not ended:
+                        context = self.base_context_at(bseg, k)
                         writing = self.greedy_chunk(want, True, context, block.text[rel - 1])
                         # the aligner ending makes the chunk moot: it stops too
                         ended, chunk = yield from _side_by_side(completing, writing, done=lambda i, r: i == 0 and r)
@@ -674,7 +683,7 @@ class _Run:
         that depends on aligner text not written yet (``final``: the block will not grow). A word start
         asked before in this round (``probed``) is answered from its view: the base's session may have
         written on from there."""
-        context = (*self.base.ids[: bseg.keep], *bseg.ids[:k])
+        context = self.base_context_at(bseg, k)
         view = probed.get(context)
         if view is None:
             (view,) = yield [ViewOp("base", context, ViewSpec(top_k=1))]
@@ -696,7 +705,7 @@ class _Run:
         only when not ``final``)."""
         if top_id in self.base.eos:
             return False
-        text, _ = self.base.decode_after([*self.base.ids[: bseg.keep], *bseg.ids[:k]], [top_id])
+        text, _ = self.base.decode_after(self.base_context_at(bseg, k), [top_id])
         if text and rest.startswith(text):
             return True
         if not final and text.startswith(rest):
@@ -715,7 +724,7 @@ class _Run:
         word the base takes over from); sampling, the rest of the block natively. Returns the new tokens
         and whether the aligner ended."""
         context = (*self.al.ids, *self.pending)
-        if self.ctx.sampling.temperature <= 0.0:
+        if self.greedy:
             (view,) = yield [ViewOp("aligner", context, ViewSpec(top_k=1))]
             token = view.top()[0]
             return ([], True) if token in self.al.eos else ([token], False)
@@ -743,7 +752,7 @@ class _Run:
             want = min(self.p.base_chunk_tokens, self.out.room)
             if first and early is not None and early.starts_at(self.base.ids, self.out.text):
                 gen = early.first(want)
-            elif self.ctx.sampling.temperature <= 0.0:
+            elif self.greedy:
                 gen = yield from self.greedy_chunk(want, first)
             else:
                 op = GenerateOp(

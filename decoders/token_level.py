@@ -546,10 +546,9 @@ class TokenLevelDecoder(Decoder):
                 q = sampling_probs(block.views[i].dense(r.vocab_size), r.temperature)
                 kept, choice = speculative_step(target.probs, q, drafted, r.ctx.rng)
             reason = _reason(r.ctx, target.scores, choice)
-            if r.ctx.trace and kept:
-                reason += f" [drafted by {draft}, kept]"
-            elif r.ctx.trace:
-                reason += f" [replaces {draft}'s draft {token_text(r.ctx, draft, drafted)!r}]"
+            if r.ctx.trace:
+                reason += (f" [drafted by {draft}, kept]" if kept
+                           else f" [replaces {draft}'s draft {token_text(r.ctx, draft, drafted)!r}]")
             finish = yield from self._commit(r, choice, reason, target)
             if finish is not None or not kept:
                 return finish
