@@ -180,7 +180,8 @@ async def _plain_vs_vllm(b: SuiteBench, suite: Suite, server: servers.Server, op
     try:
         await b.throughput(b.client, suite.plain_model, prompts[:2], 8, 2)  # warm both
         await b.throughput(vclient, suite.plain_model, prompts[:2], 8, 2)
-        ours, theirs = [], []
+        ours: list[float] = []
+        theirs: list[float] = []
         for i in range(opts.rounds):
             # who goes first alternates, so a drift in the machine's load does not favour one side
             for side in ((b.client, ours), (vclient, theirs))[:: 1 if i % 2 == 0 else -1]:
