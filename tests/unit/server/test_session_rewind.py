@@ -163,7 +163,7 @@ async def test_a_view_the_session_cannot_derive_sends_its_last_token_again(block
     session = _open_session(held, rewind_block=block)
     engine = session._engine
     engine.info = SimpleNamespace(vocab_size=16)
-    engine.session_params = lambda want: want
+    engine.session_params = lambda want, extra_args=None: want
 
     async def generate_block(request_id: str, op: Any) -> GeneratedBlock:
         one_offs.append(tuple(op.context))
@@ -183,3 +183,22 @@ async def test_a_view_the_session_cannot_derive_sends_its_last_token_again(block
         assert view.logprobs[7] == -3.0 and session.context == tuple(held) and engine.rewinds == 1
     else:
         assert not sent and one_offs == [tuple(held)] and engine.rewinds == 0
+
+
+def test_a_grouped_step_adds_its_group_to_a_copy_of_the_cached_parameters() -> None:
+    from alignd.decoders.contract import ViewSpec
+    from alignd.server.engines.vllm_local import LocalVLLMEngine
+    from alignd.server.engines.vllm_plugin import STEP_GROUP_KEY
+    from alignd.server.settings import ModelSettings
+
+    engine = LocalVLLMEngine("m", ModelSettings(path="/nowhere"))
+    want = ViewSpec(top_k=4)
+    plain = engine.session_params(want)
+    first = engine.session_params(want, {STEP_GROUP_KEY: ["g1", 2]})
+    second = engine.session_params(want, {STEP_GROUP_KEY: ["g2", 3]})
+    assert engine.session_params(want) is plain and STEP_GROUP_KEY not in plain.extra_args
+    assert first.extra_args[STEP_GROUP_KEY] == ["g1", 2] and second.extra_args[STEP_GROUP_KEY] == ["g2", 3]
+    # everything else is the cached step's: the view asked for, and alignd's own flags
+    for grouped in (first, second):
+        assert grouped.logprobs == plain.logprobs == 4 and grouped.max_tokens == 1
+        assert {k: v for k, v in grouped.extra_args.items() if k != STEP_GROUP_KEY} == plain.extra_args
