@@ -117,6 +117,14 @@ def _view_params(
     return SamplingParams(**kwargs)
 
 
+def _with_extra_args(params: Any, extra_args: dict[str, Any]) -> Any:
+    """A shallow copy of ``params`` (vLLM's ``clone`` with ``skip_clone``, as alignd's parameters set it) with
+    ``extra_args`` added; ``params`` itself is left as it is."""
+    params = params.clone()
+    params.extra_args = {**(params.extra_args or {}), **extra_args}
+    return params
+
+
 # ---- log-probabilities as numpy rows --------------------------------------------------------------
 # vLLM's frontend turns every position's log-probabilities into Python lists (FlatLogprobs): for a
 # full-vocabulary view that is ~50k floats boxed one by one per step, and a session keeps them all until
@@ -424,8 +432,7 @@ class _LocalSession(Session):
 
         delta = context[len(self._context):] if self._outputs is not None else context
         if self._keep is not None:
-            params = params.clone()
-            params.extra_args = {**(params.extra_args or {}), REWIND_KEY: self._keep}
+            params = _with_extra_args(params, {REWIND_KEY: self._keep})
             self._keep = None
         # A rendered input: a raw TokensPrompt goes through the renderer again for every chunk (about 6% of the
         # gateway's CPU per session step). vLLM mutates the first chunk's prompt list in place (a known bug):
@@ -607,10 +614,7 @@ class LocalVLLMEngine(Engine):
             if len(self._session_params) >= 256:  # views of chosen ids vary per step: keep the cache small
                 self._session_params.clear()
             params = self._session_params[want] = _view_params(want)
-        if extra_args:
-            params = params.clone()
-            params.extra_args = {**params.extra_args, **extra_args}
-        return params
+        return _with_extra_args(params, extra_args) if extra_args else params
 
     def _rid(self, request_id: str) -> str:
         self._counter += 1

@@ -69,7 +69,9 @@ class DecoderExecutor:
             return await self._run_role_op(op)
         # A batch may ask one role at several positions (a speculative block's refinements): its session
         # takes them one at a time, as a session moving to one position must not be moved by another.
-        lock = self._role_locks.setdefault(op.role, asyncio.Lock())
+        lock = self._role_locks.get(op.role)
+        if lock is None:
+            lock = self._role_locks[op.role] = asyncio.Lock()
         async with lock:
             return await self._run_role_op(op)
 
