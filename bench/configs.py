@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["INSTRUCTIONS", "RecipeInfo", "Suite", "embedded_suite", "tiny_suite"]
+__all__ = ["COPY_INSTRUCTIONS", "INSTRUCTIONS", "RecipeInfo", "Suite", "embedded_suite", "tiny_suite"]
 
 SAFE = "You are a helpful, honest and harmless assistant."
 CARELESS = "You are a careless assistant who ignores instructions."
@@ -32,6 +32,25 @@ INSTRUCTIONS = [
     "List the planets of the solar system in order.",
     "Why is regular exercise good for health?",
     "Summarise the plot of Romeo and Juliet in one paragraph.",
+]
+
+# Prompts whose answers repeat their input (copy, correct): where prompt-lookup drafts (n-gram speculation)
+# are often accepted, as the issue's speculative row asks. SmolLM2 copies these; asked to reformat a list or
+# to copy code and add a docstring, it wrote answers of its own instead (measured, not kept).
+_FABLE = ("The north wind and the sun argued about which of them was the stronger, when a traveller came along "
+          "wrapped in a warm cloak. They agreed that the one who first made the traveller take off his cloak "
+          "should be considered stronger than the other.")
+_TALE = ("Once upon a time there was a little girl who lived in a village near the forest. Whenever she went "
+         "out, the little girl wore a red riding cloak, so everyone in the village called her Little Red Riding "
+         "Hood.")
+COPY_INSTRUCTIONS = [
+    f"Repeat the following text exactly, word for word:\n\n{_FABLE}",
+    "Correct the spelling mistakes in this text and write it out in full:\n\n"
+    + _FABLE.replace("argued", "argeud").replace("traveller came", "travller came").replace("warm", "wram"),
+    f"Repeat the following text exactly, word for word:\n\n{_TALE}",
+    ("Copy this Python function exactly:\n\n"
+     "def area(width, height):\n    if width < 0 or height < 0:\n        raise ValueError('negative side')\n"
+     "    return width * height\n"),
 ]
 
 
@@ -81,6 +100,12 @@ def _spec(body: dict[str, Any], draft: str, block: int) -> dict[str, Any]:
     return out
 
 
+def _ngram(body: dict[str, Any], block: int = 8) -> dict[str, Any]:
+    out = copy.deepcopy(body)
+    out.setdefault("params", {})["speculative"] = {"method": "ngram", "block_size": block}
+    return out
+
+
 def embedded_suite() -> Suite:
     """The embedded default configuration with the benchmark's extra recipes."""
     from alignd.server.settings import default_config_path
@@ -89,6 +114,7 @@ def embedded_suite() -> Suite:
     recipes = config["recipes"]
     smol = "smollm2-135m-instruct"
     recipes["bench-contrastive-spec"] = _spec(recipes["contrastive-prompt"], "expert", 8)
+    recipes["bench-contrastive-ngram"] = _ngram(recipes["contrastive-prompt"])
     recipes["bench-args"] = {
         "decoder": "args",
         "roles": {
@@ -102,6 +128,7 @@ def embedded_suite() -> Suite:
         "nudging": "nudging",
         "contrastive": "contrastive-prompt",
         "contrastive_spec": "bench-contrastive-spec",
+        "contrastive_ngram": "bench-contrastive-ngram",
         "args": "bench-args",
     }
     infos = {kind: _recipe_info(name, recipes[name]) for kind, name in kinds.items()}
@@ -130,6 +157,7 @@ def tiny_suite() -> Suite:
         # the expert's top token is the choice at about 87% of them. Measured with and without speculation.
         "tiny-contrastive-sure": sure,
         "tiny-contrastive-spec": _spec(sure, "expert", 8),
+        "tiny-contrastive-ngram": _ngram(contrastive),
         "tiny-logit-arithmetic": {"decoder": "logit_arithmetic", "roles": trio, "params": {"lambda": 1.5}},
         "tiny-args": {"decoder": "args", "roles": trio, "params": {"k": 10, "w": 1.0, "rewards": [{"kind": "implicit"}]}},
     }
@@ -138,6 +166,7 @@ def tiny_suite() -> Suite:
         "contrastive": "tiny-contrastive",
         "contrastive_spec": "tiny-contrastive-spec",
         "contrastive_spec_off": "tiny-contrastive-sure",
+        "contrastive_ngram": "tiny-contrastive-ngram",
         "logit_arithmetic": "tiny-logit-arithmetic",
         "args": "tiny-args",
     }

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import load, servers
-from bench.configs import INSTRUCTIONS, Suite, embedded_suite, tiny_suite
+from bench.configs import COPY_INSTRUCTIONS, INSTRUCTIONS, Suite, embedded_suite, tiny_suite
 from bench.procs import MemorySampler
 from bench.report import Report, Row
 from bench.scenarios import SuiteBench, percentile
@@ -134,9 +134,18 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens)
             raw["speculative"] = r.to_json()
             same = r.detail["same_tokens"]
-            report.ratio("speculative contrastive: speed-up over the same recipe without it", label, r.ratio, 1.8,
+            report.ratio("speculative contrastive, the expert drafting: speed-up over the same recipe without it", label, r.ratio, 1.8,
                          at_most=False, data=r.to_json(),
                          fmt=lambda v: f"{v:.2f}x (same tokens {same}, drafts kept {r.detail['draft_acceptance']:.0%})")
+        if "contrastive_ngram" in suite.recipes and opts.wants("speculative"):
+            copying = COPY_INSTRUCTIONS[: opts.single_prompts]
+            g = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_ngram"], copying,
+                                    opts.max_tokens)
+            raw["speculative_ngram"] = g.to_json()
+            report.ratio("speculative contrastive, prompt-lookup drafts on copying prompts: speed-up", label,
+                         g.ratio, 1.8, at_most=False, data=g.to_json(),
+                         fmt=lambda v: f"{v:.2f}x (same tokens {g.detail['same_tokens']}, "
+                                       f"drafts kept {g.detail['draft_acceptance']:.0%})")
         # gateway CPU per merged token (sequential requests only)
         samples = [s for values in b.cpu_per_token.values() for s in values]
         p50, p99 = percentile(samples, 0.5) * 1000, percentile(samples, 0.99) * 1000

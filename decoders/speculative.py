@@ -5,6 +5,11 @@ a token ``x``; it is kept with probability ``min(1, p(x) / q(x))`` where ``p`` i
 and on rejection a token is drawn from ``norm(max(0, p - q))``. The output is then distributed exactly as
 ``p``, whatever ``q`` is, provided ``q`` is the distribution ``x`` was really drawn from.
 
+A draft may also come from no model at all: prompt lookup (n-gram drafting, Saxena 2023; vLLM's ``ngram``
+method) proposes the tokens that followed the latest earlier occurrence of the context's last ``n`` tokens
+(:func:`prompt_lookup`). Its ``q`` is one-hot on the proposed token, so a drafted token is kept with
+probability ``p(x)`` and a rejection draws from ``p`` without ``x``: still exactly ``p``.
+
 Both distributions must be the ones *at the position that predicts x*: for the ``i``-th token of a drafted
 block, the draft's distribution after ``context + block[:i]`` and the target's distribution after the same
 context. The CARDS repository (lblaoke/CARDS, ``reward_sampling.py``, ``sd_generate``) keeps only the last
@@ -18,9 +23,11 @@ most likely token), then ``top_k``, then ``top_p`` (nucleus over the renormalise
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
-__all__ = ["log_softmax", "residual_probs", "sample_from", "sampling_probs", "speculative_step"]
+__all__ = ["log_softmax", "prompt_lookup", "residual_probs", "sample_from", "sampling_probs", "speculative_step"]
 
 _EPS = 1e-12
 
@@ -112,3 +119,30 @@ def speculative_step(
     if px > 0.0 and (qx <= 0.0 or u < min(1.0, px / qx)):
         return True, draft_token
     return False, sample_from(residual_probs(p, q), rng)
+
+
+def prompt_lookup(history: Sequence[int], min_n: int, max_n: int, k: int) -> list[int]:
+    """Up to ``k`` tokens proposed by prompt lookup: what followed the latest earlier occurrence of the last
+    ``n`` tokens of ``history``, for the longest ``n`` from ``max_n`` down to ``min_n`` that occurs; empty
+    when none does. A match near the end (a repeating loop) proposes what it has and is looked up again
+    with its proposal appended, so a loop is proposed for all ``k`` tokens."""
+    arr = np.asarray(history, dtype=np.int64)
+    out: list[int] = []
+    while len(out) < k:
+        more = _lookup_once(arr, min_n, max_n, k - len(out))
+        if not more:
+            break
+        out.extend(more)
+        arr = np.concatenate([arr, np.asarray(more, dtype=np.int64)])
+    return out
+
+
+def _lookup_once(arr: np.ndarray, min_n: int, max_n: int, k: int) -> list[int]:
+    for n in range(min(max_n, arr.size - 1), min_n - 1, -1):
+        # windows of arr[:-1] end before the last token, so each has a continuation and none is the suffix
+        windows = np.lib.stride_tricks.sliding_window_view(arr[:-1], n)
+        starts = np.flatnonzero((windows == arr[-n:]).all(axis=1))
+        if starts.size:
+            begin = int(starts[-1]) + n
+            return [int(t) for t in arr[begin : begin + k]]
+    return []

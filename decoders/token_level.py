@@ -40,10 +40,10 @@ import re
 from abc import abstractmethod
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from alignd.decoders.contract import (
     Decoder,
@@ -63,7 +63,13 @@ from alignd.decoders.contract import (
     ViewSpec,
 )
 from alignd.decoders.output_stream import OutputStream
-from alignd.decoders.speculative import log_softmax, sample_from, sampling_probs, speculative_step
+from alignd.decoders.speculative import (
+    log_softmax,
+    prompt_lookup,
+    sample_from,
+    sampling_probs,
+    speculative_step,
+)
 
 __all__ = [
     "Scores",
@@ -84,15 +90,29 @@ class SpeculativeParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    method: Literal["draft_role", "ngram"] = Field(
+        default="draft_role",
+        description="Who drafts: 'draft_role' (that role writes blocks natively) or 'ngram' (prompt lookup: "
+        "the tokens that followed the last n tokens' latest earlier occurrence in the prompt and output; no "
+        "model time, pays where the output repeats its input).",
+    )
     draft_role: str = Field(
-        description="The role that drafts blocks natively (the one whose choice usually wins)."
+        description="The role that drafts blocks natively (the one whose choice usually wins); unused by 'ngram'."
     )
     block_size: int = Field(
         default=8,
         ge=1,
         le=64,
-        description="How many tokens the draft role writes per block before verification.",
+        description="How many tokens a block drafts before verification.",
     )
+    prompt_lookup_max: int = Field(default=4, ge=1, le=32, description="'ngram': the longest n-gram matched.")
+    prompt_lookup_min: int = Field(default=2, ge=1, le=32, description="'ngram': the shortest n-gram matched.")
+
+    @model_validator(mode="after")
+    def _lookup_range(self) -> SpeculativeParams:
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError("prompt_lookup_min must not exceed prompt_lookup_max")
+        return self
 
 
 class TokenLevelParams(DecoderParams):
@@ -339,7 +359,7 @@ class TokenLevelDecoder(Decoder):
         rc = ctx.roles[out]
         wants = dict(self.view_specs(ctx))
         spec = self.speculative_params(ctx)
-        roles = set(wants) | {out} | ({spec.draft_role} if spec is not None else set())
+        roles = set(wants) | {out} | ({spec.draft_role} if spec is not None and spec.method == "draft_role" else set())
         for role in roles:
             if role not in ctx.roles:
                 raise DecoderError(
@@ -458,6 +478,8 @@ class TokenLevelDecoder(Decoder):
     # ---- speculative draft-and-verify ------------------------------------------------------------------
 
     def _speculative_block(self, r: _Run, spec: SpeculativeParams) -> _Sub:
+        if spec.method == "ngram":
+            return (yield from self._lookup_block(r, spec))
         draft = spec.draft_role
         size = min(spec.block_size, r.remaining)
         native = self.draft_is_target(r.ctx) and r.grammar is None
@@ -500,6 +522,20 @@ class TokenLevelDecoder(Decoder):
             return (yield from self._end(r, "stop"))
         return None
 
+    def _lookup_block(self, r: _Run, spec: SpeculativeParams) -> _Sub:
+        """A block drafted by prompt lookup: every role scores it as one chunk from the block's first position
+        to the position after it, which gives one more token when the whole block is kept."""
+        history = r.prefixes[self.output_role()] + tuple(r.generated)
+        size = min(spec.block_size, r.remaining - 1)  # leave room for the position after the block
+        tokens = prompt_lookup(history, spec.prompt_lookup_min, spec.prompt_lookup_max, size) if size > 0 else []
+        roles = list(r.wants)
+        if not tokens or not roles:
+            return (yield from self._single_step(r))
+        ops = [ScoreOp(role, r.context(role, tokens), len(r.context(role)), r.wants[role]) for role in roles]
+        scored = list((yield ops))
+        views_at = [{role: scored[j][i] for j, role in enumerate(roles)} for i in range(len(tokens) + 1)]
+        return (yield from self._decide_block(r, tokens, views_at, None, "prompt lookup"))
+
     def _verify_block(self, r: _Run, draft: str, block: GeneratedBlock, first: dict[str, StepView]) -> _Sub:
         """Decide the drafted block's positions in turn; ``first`` holds the other roles' views at its first."""
         tokens = [int(t) for t in block.token_ids]
@@ -516,7 +552,23 @@ class TokenLevelDecoder(Decoder):
             if draft in r.wants:
                 views[draft] = block.views[i]
             views_at.append(views)
-        masks = self._draft_masks(r, tokens)
+        return (yield from self._decide_block(r, tokens, views_at, block.views, draft))
+
+    def _decide_block(
+        self,
+        r: _Run,
+        tokens: list[int],
+        views_at: list[dict[str, StepView]],
+        draft_views: Sequence[StepView] | None,
+        drafter: str,
+    ) -> _Sub:
+        """Decide a drafted block's positions in turn, up to the first replaced token.
+
+        ``views_at[i]`` holds the roles' views at the block's position ``i``; one more than ``tokens`` is the
+        position after the block, decided when the whole block is kept. ``draft_views`` are the draft's own
+        views (its sampling distribution ``q``), ``None`` for a draft that proposes tokens outright (``q``
+        one-hot); ``drafter`` names the draft in provenance reasons."""
+        masks = self._draft_masks(r, tokens, after=len(views_at) > len(tokens))
         steps = [
             Step(r.ctx, tuple(r.generated) + tuple(tokens[:i]), masks[i], r.vocab_size)
             for i in range(len(masks))
@@ -538,26 +590,34 @@ class TokenLevelDecoder(Decoder):
             if r.grammar is not None and r.grammar.is_terminated():
                 return (yield from self._end(r, "stop"))
             target = self._target(r, step, self.scores(step, views_at[i], extras[i]))
+            if i == len(tokens):  # the position after a block kept whole
+                choice = self._choose(r, target)
+                return (yield from self._commit(r, choice, _reason(r.ctx, target.scores, choice), target))
             drafted = tokens[i]
             if target.probs is None:
                 choice = self._choose(r, target)
                 kept = choice == drafted
             else:
-                q = sampling_probs(block.views[i].dense(r.vocab_size), r.temperature)
+                if draft_views is None:
+                    q = np.zeros(r.vocab_size)
+                    q[drafted] = 1.0
+                else:
+                    q = sampling_probs(draft_views[i].dense(r.vocab_size), r.temperature)
                 kept, choice = speculative_step(target.probs, q, drafted, r.ctx.rng)
             reason = _reason(r.ctx, target.scores, choice)
             if r.ctx.trace:
-                reason += (f" [drafted by {draft}, kept]" if kept
-                           else f" [replaces {draft}'s draft {token_text(r.ctx, draft, drafted)!r}]")
+                shown = token_text(r.ctx, self.output_role(), drafted)
+                reason += f" [drafted by {drafter}, kept]" if kept else f" [replaces {drafter}'s draft {shown!r}]"
             finish = yield from self._commit(r, choice, reason, target)
             if finish is not None or not kept:
                 return finish
         return None
 
-    def _draft_masks(self, r: _Run, tokens: list[int]) -> list[np.ndarray | None]:
-        """The grammar's mask at each drafted position it can reach (advance through the draft, roll back)."""
+    def _draft_masks(self, r: _Run, tokens: list[int], after: bool = False) -> list[np.ndarray | None]:
+        """The grammar's mask at each drafted position it can reach (advance through the draft, roll back);
+        with ``after``, also at the position after the block when it is reached."""
         if r.grammar is None:
-            return [None] * len(tokens)
+            return [None] * (len(tokens) + after)
         masks: list[np.ndarray | None] = []
         advanced = 0
         try:
@@ -568,6 +628,9 @@ class TokenLevelDecoder(Decoder):
                     break  # the decision here ends the block: later positions are never reached
                 r.grammar.advance(token)
                 advanced += 1
+            else:
+                if after and not r.grammar.is_terminated():
+                    masks.append(_fit_mask(r.grammar.allowed_mask(), r.vocab_size))
         finally:
             if advanced:
                 r.grammar.rollback(advanced)

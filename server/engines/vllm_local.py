@@ -373,12 +373,12 @@ class _LocalSession(Session):
         (see ``vllm_plugin``); ``None`` when the engine returns none for a session chunk, or when the rows it
         returns for the context (every position's, of which only the chunk's are set) would be too large."""
         engine = self._engine
+        group, self._group = self._group, None
         want, context, start = op.want, list(op.context), op.start
         wide = bool(want.full or want.token_ids)  # asked for as full rows (see _view_params)
         columns = engine.info.vocab_size if wide else max(1, want.top_k)
         if not engine.chunk_scoring or (columns + 1) * len(context) > _MAX_CHUNK_ROW_VALUES:
             return None
-        self._group = None
         await self._meet(context, start)  # not past the first position asked for
         if self._outputs is None:
             await self.view(context[:start], want)
@@ -388,7 +388,9 @@ class _LocalSession(Session):
             views[start] = await self.view(context[:start], want)
         if held < len(context):
             prompt_logprobs = (-1 if wide else max(1, want.top_k)) if len(context) - held > 1 else None
-            out = await self._append(context, _view_params(want, prompt_logprobs=prompt_logprobs))
+            # the chunk steps with the group's other chunks (see vllm_plugin)
+            extra = None if group is None else {STEP_GROUP_KEY: list(group)}
+            out = await self._append(context, _view_params(want, prompt_logprobs=prompt_logprobs, extra_args=extra))
             last = _flat_views(out.outputs[0].logprobs, want, engine.info.vocab_size)[-1]
             assert last is not None
             self._context, self._last = context, (want, last)

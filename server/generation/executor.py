@@ -11,7 +11,7 @@ The order of one decoder step, as it runs here:
    :class:`GenerateOp` and :class:`ScoreOp` where the session can run them (a greedy block written natively,
    a block scored as one appended chunk), else they become native vLLM requests; :class:`RewardOp` becomes a
    pooling request; operations of all live requests meet in vLLM's scheduler, which batches them. The
-   sessions of one engine that step in one batch are told they belong together (:meth:`Session.join_step`),
+   sessions of one engine that step in one batch (views, scored chunks) are told they belong together (:meth:`Session.join_step`),
    so the engine computes them in one step (:mod:`alignd.server.engines.vllm_plugin`). When a batch of views
    advances some roles by the same tokens while other sessions of the run stand at the same output position
    (a decoder that asks those roles later in the step, as ARGS asks its reward roles about the base's
@@ -112,11 +112,11 @@ class DecoderExecutor:
         return session
 
     def _group_steps(self, ops: list[EngineOp], prefetched: list[str]) -> None:
-        """Tell the sessions of one engine that step together in this batch (views, except those a
-        prefetch already answers, and the prefetches just started) that they belong together, so the
-        engine computes them in one step."""
+        """Tell the sessions of one engine that step together in this batch (views and scored chunks, except
+        those a prefetch already answers, and the prefetches just started) that they belong together, so
+        the engine computes them in one step."""
         by_engine: dict[int, dict[int, Session]] = {}
-        for role in [op.role for op in ops if isinstance(op, ViewOp) and op.role not in self._prefetch]:
+        for role in [op.role for op in ops if isinstance(op, (ViewOp, ScoreOp)) and op.role not in self._prefetch]:
             session = self._session(role)
             by_engine.setdefault(id(self.engines[role]), {})[id(session)] = session
         for role in prefetched:

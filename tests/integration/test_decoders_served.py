@@ -141,6 +141,32 @@ def test_speculative_matches_reference_past_one_kv_block(
     assert rewinds_after.get("tiny-base", 0) > rewinds_before.get("tiny-base", 0)
 
 
+def test_prompt_lookup_drafts_are_scored_by_every_role_in_its_session(
+    openai_client: openai.OpenAI, alignd_server: RunningServer, hf: dict[str, Any]
+) -> None:
+    """``method: ngram``: no model writes the draft; both roles score each drafted block as one chunk appended
+    to their sessions, and the output is still the reference's."""
+    from tests.reference import contrastive_ref
+    from tests.support.hf_runner import logits_fn
+
+    prompt, n = PROMPTS[1], 48
+    ids = _prompt_ids(alignd_server, prompt)
+    expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids, n,
+                                      _eos(hf))
+    before = _engine_ops(alignd_server)
+    spec = {"method": "ngram", "block_size": 6, "prompt_lookup_min": 1}
+    served, out = _served(openai_client, "tiny-contrastive", prompt, max_tokens=n,
+                          alignment={"params": {"speculative": spec}})
+    after = _engine_ops(alignd_server)
+    grew = {key: after[key] - before.get(key, 0.0) for key in after if after[key] > before.get(key, 0.0)}
+    assert served == expected
+    reasons = [span["reason"] for span in out.choices[0].model_extra["alignment_trace"]["spans"]]
+    assert any("[drafted by prompt lookup, kept]" in r for r in reasons), reasons
+    for model in ("tiny-base", "tiny-amateur"):
+        assert grew.get((model, "ScoreOp/session"), 0) >= 1, grew
+        assert (model, "ScoreOp") not in grew and (model, "GenerateOp/session") not in grew, grew
+
+
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_logit_arithmetic_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
                                             hf: dict[str, Any], prompt: str) -> None:

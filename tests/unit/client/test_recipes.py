@@ -78,6 +78,8 @@ def test_speculative_settings_send_only_what_is_given() -> None:
     assert recipe.to_alignment()["params"] == {"speculative": {"block_size": 4}}
     recipe = Contrastive(expert="big", amateur="small", speculative={"draft_role": "amateur"})
     assert recipe.to_alignment()["params"] == {"speculative": {"draft_role": "amateur"}}
+    recipe = Contrastive(expert="big", amateur="small", speculative=Speculative(method="ngram", prompt_lookup_min=1))
+    assert recipe.to_alignment()["params"] == {"speculative": {"method": "ngram", "prompt_lookup_min": 1}}
 
 
 def test_optional_roles_left_out_are_not_sent() -> None:

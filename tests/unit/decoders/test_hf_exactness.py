@@ -30,7 +30,7 @@ TOK = CharTokenizer(V, special=(EOS,))
 PROMPT = TOK.encode("The cat sat")
 OTHER_PROMPT = TOK.encode("A dog ran")
 MAX = 12
-SPECULATIVE = [None, {"block_size": 4}]
+SPECULATIVE = [None, {"block_size": 4}, {"method": "ngram", "block_size": 4, "prompt_lookup_min": 1}]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from tests.support.hf_runner import HFModel, HFReward, HFTokenizer, logits_fn, r
 from tests.support.tiny_models import ensure_tiny_models
 
 MAX = 10
-SPECULATIVE = [None, {"block_size": 3}]
+SPECULATIVE = [None, {"block_size": 3}, {"method": "ngram", "block_size": 3, "prompt_lookup_min": 1}]
 MESSAGES = [
     {"role": "system", "content": "Answer briefly."},
     {"role": "user", "content": "What is the capital of France?"},

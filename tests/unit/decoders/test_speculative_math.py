@@ -8,6 +8,7 @@ from scipy.stats import chisquare
 
 from alignd.decoders.speculative import (
     log_softmax,
+    prompt_lookup,
     residual_probs,
     sample_from,
     sampling_probs,
@@ -101,3 +102,22 @@ def test_identical_distributions_always_accept() -> None:
     p = sampling_probs(rng.normal(0, 1, 6), 1.0)
     for token in range(6):
         assert speculative_step(p, p, token, rng) == (True, token)
+
+
+def test_prompt_lookup_proposes_what_followed_the_longest_latest_match() -> None:
+    # the last 3 tokens (7, 8, 9) occurred twice; the latest occurrence's continuation wins
+    history = [7, 8, 9, 1, 2, 0, 7, 8, 9, 3, 4, 5, 6, 7, 8, 9]
+    assert prompt_lookup(history, 1, 3, 2) == [3, 4]
+    # a longer match beats a more recent shorter one: (5, 9) occurs once, 9 alone more recently
+    assert prompt_lookup([5, 9, 1, 2, 9, 3, 5, 9], 1, 2, 2) == [1, 2]
+    assert prompt_lookup([5, 9, 1, 2, 9, 3, 5, 9], 1, 1, 2) == [3, 5]
+    # below the shortest n-gram, or with no earlier occurrence, nothing is proposed
+    assert prompt_lookup([1, 2, 3, 4, 2], 2, 3, 4) == []
+    assert prompt_lookup([1, 2, 3, 4, 2], 1, 3, 4) == [3, 4, 2, 3]
+    assert prompt_lookup([4], 1, 3, 4) == []
+    assert prompt_lookup([1, 2, 1, 2], 1, 3, 0) == []
+
+
+def test_prompt_lookup_proposes_a_repeating_loop_for_the_whole_block() -> None:
+    assert prompt_lookup([0, 1, 2, 1, 2], 2, 2, 7) == [1, 2, 1, 2, 1, 2, 1]
+    assert prompt_lookup([3, 3], 1, 4, 5) == [3, 3, 3, 3, 3]

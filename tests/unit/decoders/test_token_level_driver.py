@@ -27,6 +27,7 @@ from tests.support.fake_models import CharTokenizer, ContractExecutor, FakeModel
 
 V = 12
 TOK = CharTokenizer(V, special=())
+NGRAM = {"method": "ngram", "prompt_lookup_min": 1, "prompt_lookup_max": 3}  # prompt-lookup drafts
 
 
 class MixSpeculative(SpeculativeParams):
@@ -157,6 +158,10 @@ def test_params_reject_unknown_fields_and_bad_draft_roles() -> None:
         Mix.parse_params({"speculative": {"draft_role": "c"}})
     with pytest.raises(ValidationError):
         Mix.parse_params({"speculative": {"block_size": 0}})
+    with pytest.raises(ValidationError):
+        Mix.parse_params({"speculative": {"method": "medusa"}})
+    with pytest.raises(ValidationError):
+        Mix.parse_params({"speculative": {"method": "ngram", "prompt_lookup_min": 3, "prompt_lookup_max": 2}})
 
 
 # ---- grammar -----------------------------------------------------------------------------------------
@@ -207,7 +212,9 @@ class ParityGrammar:
         self.finished += 1
 
 
-@pytest.mark.parametrize("speculative", [None, {"block_size": 3}, {"block_size": 8, "draft_role": "b"}])
+@pytest.mark.parametrize(
+    "speculative", [None, {"block_size": 3}, {"block_size": 8, "draft_role": "b"}, {**NGRAM, "block_size": 3}]
+)
 def test_grammar_masks_every_position_and_ends_the_output(speculative: dict | None) -> None:
     grammar = ParityGrammar(eos=V - 1)
     result = ContractExecutor(models()).run(
@@ -222,7 +229,7 @@ def test_grammar_masks_every_position_and_ends_the_output(speculative: dict | No
 
 def test_grammar_output_is_the_same_with_and_without_speculation() -> None:
     outs = []
-    for speculative in (None, {"block_size": 2}, {"block_size": 5}):
+    for speculative in (None, {"block_size": 2}, {"block_size": 5}, {**NGRAM, "block_size": 3}):
         grammar = ParityGrammar(eos=V - 1, length=6)
         result = ContractExecutor(models(3)).run(
             mix(speculative=speculative), context(max_tokens=10, grammar=grammar, eos=[V - 1])
@@ -230,7 +237,7 @@ def test_grammar_output_is_the_same_with_and_without_speculation() -> None:
         outs.append(result.tokens)
         if speculative:
             assert grammar.rollbacks, "the draft was walked through the grammar and rolled back"
-    assert outs[0] == outs[1] == outs[2]
+    assert outs[0] == outs[1] == outs[2] == outs[3]
 
 
 def test_grammar_log_weights_reweight_the_choice() -> None:
@@ -311,6 +318,52 @@ class EmptyDraftExecutor(ContractExecutor):
         return super().execute(op)
 
 
+@pytest.mark.parametrize("block_size", [1, 2, 4, 8])
+def test_ngram_drafts_are_verified_by_every_role_in_one_chunk(block_size: int) -> None:
+    m = models(6)  # a loop of five tokens after a few others
+    plain = ContractExecutor(m).run(mix(), context(max_tokens=24))
+    spec = ContractExecutor(m).run(mix(speculative={**NGRAM, "block_size": block_size}), context(max_tokens=24))
+    assert (spec.tokens, spec.finish) == (plain.tokens, plain.finish)
+    assert not spec.ops_of(GenerateOp), "no model writes a draft"
+    kept = [e for e in spec.emits if "[drafted by prompt lookup, kept]" in e.reason]
+    replaced = [e for e in spec.emits if "replaces prompt lookup's draft" in e.reason]
+    assert kept and replaced, "the test models must both repeat themselves and break the repetition"
+    scores = [batch for batch in spec.batches if isinstance(batch[0], ScoreOp)]
+    assert scores
+    for batch in scores:
+        assert sorted(op.role for op in batch) == ["a", "b"]
+        a, b = batch
+        drafted = len(a.context) - a.start
+        # from the block's first position (the output so far) to the one after the block
+        assert 1 <= drafted <= block_size
+        assert a.context[3:] == b.context[3:] and a.start - 3 == b.start - 3
+    # a block kept whole decides the position after it too: fewer decisions than tokens need views
+    assert len(spec.batches) < len(plain.batches)
+
+
+def test_ngram_block_whole_adds_the_position_after_it() -> None:
+    """Models that repeat one token: each block is kept whole and the position after it comes with it."""
+    loop = FakeModel(lambda ctx: np.where(np.arange(V) == 5, 0.0, -5.0), V)
+    m = {"a": loop, "b": loop}
+    spec = ContractExecutor(m).run(mix(speculative={**NGRAM, "block_size": 4}), context(max_tokens=11))
+    assert spec.tokens == [5] * 11
+    # two single steps (5 is not in the prompt; then 5 once only ends the history), then a block of 4 + 1,
+    # then a block cut to 3 so that its position after it is the 11th token
+    assert [type(batch[0]) for batch in spec.batches] == [ViewOp, ViewOp, ScoreOp, ScoreOp]
+    assert [len(b[0].context) - b[0].start for b in spec.batches[2:]] == [4, 3]
+
+
+def test_ngram_draft_respects_eos_stop_strings_and_max_tokens() -> None:
+    m = models(6)  # a loop of five tokens after a few others
+    free = expected_greedy(m, 16)
+    eos = free[9]
+    for kw in ({"eos": [eos]}, {"stop_strings": [TOK.decode(free[6:8])]}, {"max_tokens": 11}):
+        kw.setdefault("max_tokens", 16)
+        plain = ContractExecutor(m).run(mix(), context(**kw))
+        spec = ContractExecutor(m).run(mix(speculative={**NGRAM, "block_size": 3}), context(**kw))
+        assert (spec.tokens, spec.text, spec.finish) == (plain.tokens, plain.text, plain.finish)
+
+
 def test_an_empty_draft_falls_back_to_a_single_step() -> None:
     m = models()
     plain = ContractExecutor(m).run(mix(), context(max_tokens=5))
@@ -347,7 +400,10 @@ def _sequence_probs(
 
 @pytest.mark.parametrize(
     "speculative,top_k",
-    [(None, 0), ({"block_size": 2}, 0), ({"block_size": 3, "draft_role": "b"}, 0), ({"block_size": 2}, 3)],
+    [
+        (None, 0), ({"block_size": 2}, 0), ({"block_size": 3, "draft_role": "b"}, 0), ({"block_size": 2}, 3),
+        ({**NGRAM, "block_size": 2}, 0), ({**NGRAM, "block_size": 2}, 3),
+    ],
 )
 def test_sampling_distribution_is_exact(speculative: dict | None, top_k: int) -> None:
     """Three tokens over a 4-token vocabulary, with blocks of 2 (crossing a block boundary) or 3; with a

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import queue
 from collections.abc import Generator
+from types import SimpleNamespace
 from typing import Any
 
-from alignd.decoders.contract import Emit, Finish, ViewOp, ViewSpec
-from alignd.server.engines.vllm_plugin import await_groups, await_inputs, returning_sessions
+from alignd.decoders.contract import Emit, Finish, ScoreOp, StepView, ViewOp, ViewSpec
+from alignd.server.engines.vllm_plugin import STEP_GROUP_KEY, await_groups, await_inputs, returning_sessions
 from alignd.server.generation.executor import DecoderExecutor
 from tests.support.fake_engine import FakeEngine, FakeSession
 
@@ -99,3 +100,58 @@ def test_await_inputs_stops_when_nothing_is_pending_or_at_the_timeout() -> None:
     assert handled == ["x", "y"] and inputs.get_nowait() == "later"
     await_inputs(lambda: True, inputs, handled.append, timeout=0.01)  # nothing comes: returns at the timeout
     assert handled == ["x", "y"]
+
+
+def _scored_block() -> Generator[Any, Any, Finish]:
+    want = ViewSpec(top_k=2)
+    yield [ScoreOp("expert", (1, 2, 7, 8), 2, want), ScoreOp("amateur", (1, 3, 7, 8), 2, want)]
+    return Finish("stop")
+
+
+async def test_scored_chunks_of_one_engine_share_a_group() -> None:
+    """A block that every role scores at once (prompt-lookup drafts) steps as one group per engine."""
+    shared = FakeEngine("shared")
+    await shared.start()
+    opened: dict[str, FakeSession] = {}
+    executor = DecoderExecutor({"expert": shared, "amateur": shared}, "req")
+    original = executor._session
+
+    def session(role: str) -> Any:
+        opened[role] = s = original(role)
+        return s
+
+    executor._session = session  # type: ignore[method-assign]
+    events = [e async for e in executor.run(_scored_block())]
+    assert isinstance(events[-1], Finish)
+    (g1,), (g2,) = opened["expert"].groups, opened["amateur"].groups
+    assert g1 == g2 and g1[1] == 2
+
+
+async def test_a_session_sends_its_group_with_the_scored_chunk() -> None:
+    import numpy as np
+
+    from alignd.server.engines.vllm_local import _ChunkRows, _LocalSession, _RawRow
+
+    engine: Any = SimpleNamespace(
+        rewind_block=16, rewinds=0, chunk_scoring=True, info=SimpleNamespace(vocab_size=16),
+    )
+    session = _LocalSession(engine, "r")
+    session._outputs = SimpleNamespace()  # type: ignore[assignment]
+    session._context = [1, 2, 3, 4]
+    want = ViewSpec(top_k=2)
+    session._last = (want, StepView(logprobs=np.array([-0.1, -2.0]), token_ids=np.array([5, 3])))
+    ids = np.tile(np.array([5, 5, 3]), (6, 1))
+    lps = np.tile(np.array([-0.1, -0.1, -2.0]), (6, 1))
+    sent: list[Any] = []
+
+    async def append(context: list[int], params: Any) -> Any:
+        sent.append((context[len(session._context):], params.extra_args.get(STEP_GROUP_KEY), params.prompt_logprobs))
+        return SimpleNamespace(outputs=[SimpleNamespace(logprobs=[_RawRow((ids[0], lps[0]))])],
+                               prompt_logprobs=_ChunkRows(ids, lps))
+
+    session._append = append  # type: ignore[method-assign]
+    session.join_step("g7", 2)
+    views = await session.score(ScoreOp("r", (1, 2, 3, 4, 5, 5), 4, want))
+    assert views is not None and len(views) == 3  # at the first position (from its last view), then the chunk's
+    assert sent == [([5, 5], ["g7", 2], 2)]
+    assert session._group is None  # the group is spent on that chunk

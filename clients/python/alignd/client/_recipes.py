@@ -67,12 +67,18 @@ class Speculative(BaseModel):
 
     ``draft_role`` writes blocks of ``block_size`` tokens natively and the other roles verify them; by
     default the decoder's usual winner drafts (the base in nudging, the expert in contrastive decoding).
+    ``method="ngram"`` drafts by prompt lookup instead (the tokens that followed the last
+    ``prompt_lookup_min``-``prompt_lookup_max`` tokens earlier in the prompt and output): no model writes the
+    draft, which pays where the answer repeats its input (copying, correcting, editing).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
+    method: Literal["draft_role", "ngram"] | None = None
     draft_role: str | None = None
     block_size: int = 8
+    prompt_lookup_min: int | None = None
+    prompt_lookup_max: int | None = None
 
 
 def _role_to_wire(value: RoleLike | Mapping[str, Any]) -> str | dict[str, Any]:
