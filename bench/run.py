@@ -134,8 +134,8 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens)
             raw["speculative"] = r.to_json()
             same = r.detail["same_tokens"]
-            report.ratio("speculative contrastive, the expert drafting: speed-up over the same recipe without it", label, r.ratio, 1.8,
-                         at_most=False, data=r.to_json(),
+            report.ratio("speculative contrastive, the expert drafting: speed-up over the same recipe without it",
+                         label, r.ratio, 1.8, at_most=False, data=r.to_json(),
                          fmt=lambda v: f"{v:.2f}x (same tokens {same}, drafts kept {r.detail['draft_acceptance']:.0%})")
         if "contrastive_ngram" in suite.recipes and opts.wants("speculative"):
             copying = COPY_INSTRUCTIONS[: opts.single_prompts]

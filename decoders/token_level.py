@@ -359,7 +359,8 @@ class TokenLevelDecoder(Decoder):
         rc = ctx.roles[out]
         wants = dict(self.view_specs(ctx))
         spec = self.speculative_params(ctx)
-        roles = set(wants) | {out} | ({spec.draft_role} if spec is not None and spec.method == "draft_role" else set())
+        drafting = spec is not None and spec.method == "draft_role"
+        roles = set(wants) | {out} | ({spec.draft_role} if drafting and spec is not None else set())
         for role in roles:
             if role not in ctx.roles:
                 raise DecoderError(

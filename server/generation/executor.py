@@ -11,8 +11,9 @@ The order of one decoder step, as it runs here:
    :class:`GenerateOp` and :class:`ScoreOp` where the session can run them (a greedy block written natively,
    a block scored as one appended chunk), else they become native vLLM requests; :class:`RewardOp` becomes a
    pooling request; operations of all live requests meet in vLLM's scheduler, which batches them. The
-   sessions of one engine that step in one batch (views, scored chunks) are told they belong together (:meth:`Session.join_step`),
-   so the engine computes them in one step (:mod:`alignd.server.engines.vllm_plugin`). When a batch of views
+   sessions of one engine that step in one batch (views, scored chunks) are told they belong together
+   (:meth:`Session.join_step`), so the engine computes them in one step
+   (:mod:`alignd.server.engines.vllm_plugin`). When a batch of views
    advances some roles by the same tokens while other sessions of the run stand at the same output position
    (a decoder that asks those roles later in the step, as ARGS asks its reward roles about the base's
    candidates), those sessions are advanced in the same engine step with a broad view (full on a small
