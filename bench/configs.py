@@ -94,15 +94,10 @@ def _recipe_info(name: str, body: dict[str, Any]) -> RecipeInfo:
     return RecipeInfo(name, body["decoder"], roles, spec)
 
 
-def _spec(body: dict[str, Any], draft: str, block: int) -> dict[str, Any]:
+def _spec(body: dict[str, Any], **speculative: Any) -> dict[str, Any]:
+    """``body`` with speculative draft-and-verify set to ``speculative``."""
     out = copy.deepcopy(body)
-    out.setdefault("params", {})["speculative"] = {"draft_role": draft, "block_size": block}
-    return out
-
-
-def _ngram(body: dict[str, Any], block: int = 8) -> dict[str, Any]:
-    out = copy.deepcopy(body)
-    out.setdefault("params", {})["speculative"] = {"method": "ngram", "block_size": block}
+    out.setdefault("params", {})["speculative"] = speculative
     return out
 
 
@@ -113,8 +108,8 @@ def embedded_suite() -> Suite:
     config = yaml.safe_load(Path(default_config_path()).read_text())
     recipes = config["recipes"]
     smol = "smollm2-135m-instruct"
-    recipes["bench-contrastive-spec"] = _spec(recipes["contrastive-prompt"], "expert", 8)
-    recipes["bench-contrastive-ngram"] = _ngram(recipes["contrastive-prompt"])
+    recipes["bench-contrastive-spec"] = _spec(recipes["contrastive-prompt"], draft_role="expert", block_size=8)
+    recipes["bench-contrastive-ngram"] = _spec(recipes["contrastive-prompt"], method="ngram", block_size=8)
     recipes["bench-args"] = {
         "decoder": "args",
         "roles": {
@@ -156,8 +151,8 @@ def tiny_suite() -> Suite:
         # disagree on a third of the positions under the default plausibility cut (alpha 0.1); at alpha 0.5
         # the expert's top token is the choice at about 87% of them. Measured with and without speculation.
         "tiny-contrastive-sure": sure,
-        "tiny-contrastive-spec": _spec(sure, "expert", 8),
-        "tiny-contrastive-ngram": _ngram(contrastive),
+        "tiny-contrastive-spec": _spec(sure, draft_role="expert", block_size=8),
+        "tiny-contrastive-ngram": _spec(contrastive, method="ngram", block_size=8),
         "tiny-logit-arithmetic": {"decoder": "logit_arithmetic", "roles": trio, "params": {"lambda": 1.5}},
         "tiny-args": {"decoder": "args", "roles": trio, "params": {"k": 10, "w": 1.0, "rewards": [{"kind": "implicit"}]}},
     }

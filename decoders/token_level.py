@@ -359,8 +359,9 @@ class TokenLevelDecoder(Decoder):
         rc = ctx.roles[out]
         wants = dict(self.view_specs(ctx))
         spec = self.speculative_params(ctx)
-        drafting = spec is not None and spec.method == "draft_role"
-        roles = set(wants) | {out} | ({spec.draft_role} if drafting and spec is not None else set())
+        roles = set(wants) | {out}
+        if spec is not None and spec.method == "draft_role":
+            roles.add(spec.draft_role)
         for role in roles:
             if role not in ctx.roles:
                 raise DecoderError(
@@ -528,7 +529,7 @@ class TokenLevelDecoder(Decoder):
         to the position after it, which gives one more token when the whole block is kept."""
         history = r.prefixes[self.output_role()] + tuple(r.generated)
         size = min(spec.block_size, r.remaining - 1)  # leave room for the position after the block
-        tokens = prompt_lookup(history, spec.prompt_lookup_min, spec.prompt_lookup_max, size) if size > 0 else []
+        tokens = prompt_lookup(history, spec.prompt_lookup_min, spec.prompt_lookup_max, size)
         roles = list(r.wants)
         if not tokens or not roles:
             return (yield from self._single_step(r))

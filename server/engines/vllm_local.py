@@ -310,6 +310,12 @@ class _LocalSession(Session):
     def join_step(self, group: str, size: int) -> None:
         self._group = (group, size)
 
+    def _take_group(self) -> dict[str, Any] | None:
+        """The ``extra_args`` that put this session's next chunk in its step group (see ``vllm_plugin``), if it
+        joined one; the group is spent either way."""
+        group, self._group = self._group, None
+        return None if group is None else {STEP_GROUP_KEY: list(group)}
+
     async def _inputs(self) -> AsyncIterator[Any]:
         while True:
             item = await self._queue.get()
@@ -318,7 +324,7 @@ class _LocalSession(Session):
             yield item
 
     async def view(self, context: Sequence[int], want: ViewSpec) -> StepView:
-        group, self._group = self._group, None
+        group = self._take_group()
         context = list(context)
         await self._meet(context, len(context))
         if self._outputs is not None and context == self._context and self._last:
@@ -331,7 +337,7 @@ class _LocalSession(Session):
                 block = await self._engine.generate_block(self._request_id, GenerateOp("", tuple(context), 1, want))
                 return block.views[0]
         # in a group, the engine core waits for the group's other chunks before it steps (see vllm_plugin)
-        params = self._engine.session_params(want, None if group is None else {STEP_GROUP_KEY: list(group)})
+        params = self._engine.session_params(want, group)
         out = await self._append(context, params)
         view = _flat_views(out.outputs[0].logprobs, want, self._engine.info.vocab_size)[-1]
         assert view is not None
@@ -343,7 +349,7 @@ class _LocalSession(Session):
         """``op`` written natively by this session (greedy only: vLLM 0.32 seeds a request's sampler when the
         request is new, so a seeded draw in a later chunk would not be reproducible); the session then holds
         the context and every written token but the last (vLLM drops a chunk's final sample)."""
-        self._group = None
+        self._take_group()  # a block written natively steps alone
         context = list(op.context)
         await self._meet(context, len(context))
         if op.sampling.temperature > 0 or (self._outputs is not None and context == self._context):
@@ -373,7 +379,7 @@ class _LocalSession(Session):
         (see ``vllm_plugin``); ``None`` when the engine returns none for a session chunk, or when the rows it
         returns for the context (every position's, of which only the chunk's are set) would be too large."""
         engine = self._engine
-        group, self._group = self._group, None
+        group = self._take_group()
         want, context, start = op.want, list(op.context), op.start
         wide = bool(want.full or want.token_ids)  # asked for as full rows (see _view_params)
         columns = engine.info.vocab_size if wide else max(1, want.top_k)
@@ -389,8 +395,7 @@ class _LocalSession(Session):
         if held < len(context):
             prompt_logprobs = (-1 if wide else max(1, want.top_k)) if len(context) - held > 1 else None
             # the chunk steps with the group's other chunks (see vllm_plugin)
-            extra = None if group is None else {STEP_GROUP_KEY: list(group)}
-            out = await self._append(context, _view_params(want, prompt_logprobs=prompt_logprobs, extra_args=extra))
+            out = await self._append(context, _view_params(want, prompt_logprobs=prompt_logprobs, extra_args=group))
             last = _flat_views(out.outputs[0].logprobs, want, engine.info.vocab_size)[-1]
             assert last is not None
             self._context, self._last = context, (want, last)
