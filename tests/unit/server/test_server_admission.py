@@ -205,3 +205,28 @@ async def test_client_errors_leave_as_openai_error_bodies(
         )
         assert assert_error(bad_recipe, 400)["param"] == "alignment.decoder"
         assert_error(await h.client.get("/v1/no-such-route"), 404)
+
+
+async def test_bad_speculative_settings_answer_400_naming_the_parameter(
+    serve: Any, make_settings: Any, fake_engines: Any, assert_error: Any
+) -> None:
+    roles = {"expert": "tiny-base", "amateur": "tiny-chat"}
+
+    def contrastive(speculative: dict[str, Any]) -> dict[str, Any]:
+        alignment = {"decoder": "contrastive", "roles": roles, "params": {"speculative": speculative}}
+        return {**COMPLETION, "alignment": alignment}
+
+    async with serve(make_settings(), fake_engines()) as h:
+        method = assert_error(await h.client.post("/v1/completions", json=contrastive({"method": "medusa"})), 400)
+        assert method["param"] == "alignment.params.speculative.method"
+        lookup = {"method": "ngram", "prompt_lookup_min": 5, "prompt_lookup_max": 3}
+        bounds = assert_error(await h.client.post("/v1/completions", json=contrastive(lookup)), 400)
+        assert bounds["param"] == "alignment.params.speculative" and "prompt_lookup_min" in bounds["message"]
+        nudging = {**COMPLETION, "alignment": {
+            "decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
+            "params": {"speculative": {"method": "ngram"}},
+        }}
+        extra = assert_error(await h.client.post("/v1/completions", json=nudging), 400)
+        assert extra["param"] == "alignment.params.speculative"
+        served = await h.client.post("/v1/completions", json=contrastive({"method": "ngram"}))
+        assert served.status_code == 200, served.text
