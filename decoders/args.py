@@ -153,7 +153,18 @@ class ARGS(TokenLevelDecoder):
         return float(self.params.temperature or ctx.sampling.temperature)
 
     def _candidates(self, step: Step, views: Mapping[str, StepView]) -> tuple[np.ndarray, np.ndarray]:
-        base = views["base"].dense(step.vocab_size)
+        """The base's ``k`` most likely (allowed) tokens, most likely first (ties: lowest id first), with their
+        log-probabilities."""
+        view = views["base"]
+        if view.token_ids is not None and step.allowed is None:
+            # a top-k view: sort its own entries, not a vocabulary-sized vector (the same order)
+            ids = np.asarray(view.token_ids, dtype=np.int64)
+            lps = np.asarray(view.logprobs, dtype=np.float64)
+            keep = (ids < step.vocab_size) & np.isfinite(lps)
+            ids, lps = ids[keep], lps[keep]
+            order = np.lexsort((ids, -lps))[: self.params.k]
+            return ids[order], lps[order]
+        base = view.dense(step.vocab_size)
         if step.allowed is not None:
             base = np.where(step.allowed, base, -np.inf)
         order = np.argsort(-base, kind="stable")[: self.params.k]

@@ -128,6 +128,23 @@ class StepView:
         hits = np.nonzero(self.token_ids == token_id)[0]
         return float(self.logprobs[hits[0]]) if hits.size else -np.inf
 
+    def logprobs_of(self, token_ids: np.ndarray) -> np.ndarray:
+        """The float64 log-probabilities of ``token_ids``, ``-inf`` for tokens the view does not include."""
+        ids = np.asarray(token_ids, dtype=np.int64)
+        out = np.full(ids.shape, -np.inf)
+        if self.token_ids is None:
+            inside = ids < self.logprobs.shape[0]
+            out[inside] = self.logprobs[ids[inside]]
+            return out
+        if self.token_ids.size == 0 or ids.size == 0:
+            return out
+        order = np.argsort(self.token_ids, kind="stable")
+        have = self.token_ids[order]
+        pos = np.minimum(np.searchsorted(have, ids), have.size - 1)
+        found = have[pos] == ids
+        out[found] = self.logprobs[order[pos[found]]]
+        return out
+
 
 @dataclass(frozen=True)
 class ViewOp:

@@ -180,7 +180,11 @@ class Contrastive(TokenLevelDecoder):
         return prompt
 
     def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
-        """The contrastive objective at ``step``."""
+        """The contrastive objective at ``step``: over the plausible head alone when the expert's top-k view
+        holds all of it (see :meth:`refine`), else over the vocabulary."""
+        head = self._head(step, views["expert"])
+        if head is not None:
+            return self._head_scores(step, views, *head)
         p = self.params
         expert = views["expert"].dense(step.vocab_size)
         amateur = views["amateur"].dense(step.vocab_size)
@@ -202,3 +206,42 @@ class Contrastive(TokenLevelDecoder):
             )
 
         return Scores(logits, explain=explain)
+
+    def _head(self, step: Step, expert: StepView) -> tuple[np.ndarray, np.ndarray] | None:
+        """The plausible head (token ids, expert log-probabilities) within the expert's partial view, ``None``
+        for a full view. (Whether the view holds the model's whole head is :meth:`refine`'s business: the
+        vocabulary-sized computation on the same views gives the same head.)"""
+        if expert.token_ids is None or self.params.alpha <= 0:
+            return None
+        ids = np.asarray(expert.token_ids, dtype=np.int64)
+        lps = np.asarray(expert.logprobs, dtype=np.float64)
+        valid = (ids < step.vocab_size) & np.isfinite(lps)
+        if step.allowed is not None:
+            valid &= step.allowed[np.minimum(ids, step.vocab_size - 1)]
+        if not valid.any():
+            return None
+        threshold = float(np.max(lps[valid])) + float(np.log(self.params.alpha))
+        head = valid & (lps >= threshold)
+        return ids[head], lps[head]
+
+    def _head_scores(self, step: Step, views: Mapping[str, StepView], ids: np.ndarray, expert: np.ndarray) -> Scores:
+        """:func:`contrastive_scores` over the head's tokens only (the same values; every other token is out)."""
+        p = self.params
+        coefficient = p.beta / p.tau if p.formula == "cd" else p.acd_alpha
+        amateur = views["amateur"].logprobs_of(ids)
+        logits = expert - coefficient * np.where(np.isfinite(amateur), amateur, _FLOOR)
+        top = int(ids[expert == np.max(expert)].min())  # the lowest id among ties, as over the vocabulary
+        ctx, expert_view, amateur_view = step.ctx, views["expert"], views["amateur"]
+
+        def explain(token: int) -> str:
+            label = "contrastive" if p.formula == "cd" else "contrastive(acd)"
+            p_expert = np.exp(expert_view.logprob_of(token))
+            if token == top:
+                return f"{label}: expert top-1 {token_text(ctx, 'expert', token)!r} kept (p_expert={p_expert:.3f})"
+            return (
+                f"{label}: expert top-1 {token_text(ctx, 'expert', top)!r} demoted "
+                f"(p_amateur={np.exp(amateur_view.logprob_of(top)):.3f}); chose {token_text(ctx, 'expert', token)!r} "
+                f"(p_expert={p_expert:.3f}, p_amateur={np.exp(amateur_view.logprob_of(token)):.3f})"
+            )
+
+        return Scores(logits, token_ids=ids, explain=explain)

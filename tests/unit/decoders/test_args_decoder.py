@@ -11,8 +11,9 @@ from pydantic import ValidationError
 from scipy.stats import chisquare
 
 from alignd.decoders.args import ARGS
-from alignd.decoders.contract import DecoderError, RewardOp, SamplingOptions, ViewOp
+from alignd.decoders.contract import DecoderError, RewardOp, SamplingOptions, StepView, ViewOp
 from alignd.decoders.rewards import log_sigmoid
+from alignd.decoders.token_level import Step
 from tests.reference import args_ref
 from tests.reference.common import numpy_model, sequence_distribution
 from tests.support.fake_models import CharTokenizer, ContractExecutor, make_context, random_model
@@ -277,3 +278,19 @@ def test_grammar_with_speculation_gives_the_same_output() -> None:
     ]
     assert outs[0] == outs[1] and len(outs[0]) == 8
     assert [t % 2 for t in outs[0]] == [0, 1] * 4
+
+
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_candidates_from_a_top_k_view_are_those_of_its_vocabulary_sized_vector(k: int) -> None:
+    """The base's top-k view is sorted as it is (most likely first, ties to the lowest id, without tokens it
+    lacks) instead of a vocabulary-sized vector per step, with the same result."""
+    d = decoder(k=k)
+    lps = np.array([-1.5, -0.5, -1.5, -np.inf, -0.5, -3.0], dtype=np.float32)
+    ids = np.array([9, 7, 2, 5, 4, 11])
+    step = Step(ctx(), (), None, V)
+    got_ids, got_lps = d._candidates(step, {"base": StepView(lps, ids)})
+    full = StepView(StepView(lps, ids).dense(V))
+    want_ids, want_lps = d._candidates(step, {"base": full})
+    np.testing.assert_array_equal(got_ids, want_ids)
+    np.testing.assert_array_equal(got_lps, want_lps)
+    assert list(got_ids) == [4, 7, 2, 9, 11][:k]

@@ -8,8 +8,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from alignd.decoders.contract import SamplingOptions, ViewOp
-from alignd.decoders.contrastive import Contrastive
+from alignd.decoders.contract import SamplingOptions, StepView, ViewOp
+from alignd.decoders.contrastive import Contrastive, contrastive_scores
+from alignd.decoders.token_level import Step
 from tests.reference import contrastive_ref
 from tests.reference.common import numpy_model
 from tests.support.fake_models import CharTokenizer, ContractExecutor, make_context, random_model
@@ -89,3 +90,35 @@ def test_sampling_with_topk_views_draws_the_same_tokens_as_full_views(monkeypatc
     monkeypatch.setattr(Contrastive, "full_view_vocab", 10**6)
     full = [ContractExecutor(m).run(decoder(), ctx(max_tokens=6, sampling=sampling, seed=s)).tokens for s in range(20)]
     assert part == full
+
+
+def _partial(rng: np.random.Generator, k: int) -> StepView:
+    logits = rng.normal(scale=2.0, size=V)
+    lps = logits - np.log(np.exp(logits).sum())
+    ids = np.argsort(-lps, kind="stable")[:k]
+    return StepView(lps[ids].astype(np.float32), ids)
+
+
+@pytest.mark.parametrize("params", [{}, {"alpha": 0.02}, {"formula": "acd"}, {"alpha": 0.5, "beta": 2.0}])
+def test_topk_views_are_scored_over_the_head_alone_with_the_vocabulary_sized_values(params: dict) -> None:
+    """With partial views the objective is computed over the plausible head's tokens only (no
+    vocabulary-sized vectors per token), with exactly the values of the vocabulary-sized computation."""
+    d = decoder(**params)
+    p = d.params
+    coefficient = p.beta / p.tau if p.formula == "cd" else p.acd_alpha
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        views = {"expert": _partial(rng, 8), "amateur": _partial(rng, 5)}
+        step = Step(ctx(), (), None, V)
+        scores = d.scores(step, views, [])
+        assert scores.token_ids is not None and scores.token_ids.size < V
+        dense = contrastive_scores(views["expert"].dense(V), views["amateur"].dense(V), p.alpha, coefficient)
+        assert np.array_equal(scores.dense(V), dense)
+
+
+def test_a_partial_view_looks_up_many_tokens_at_once() -> None:
+    view = StepView(np.array([-0.5, -1.0, -2.0], dtype=np.float32), np.array([7, 3, 11]))
+    got = view.logprobs_of(np.array([3, 4, 11, 7, 0]))
+    np.testing.assert_array_equal(got, [-1.0, -np.inf, -2.0, -0.5, -np.inf])
+    full = StepView(np.array([-0.1, -0.2, -3.0]))
+    np.testing.assert_array_equal(full.logprobs_of(np.array([2, 0, 5])), [-3.0, -0.1, -np.inf])

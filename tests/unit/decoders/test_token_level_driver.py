@@ -144,6 +144,52 @@ def test_logprobs_and_top_logprobs_are_the_decoders_own() -> None:
     assert max(first.top_logprobs[0].values()) == pytest.approx(norm.max())
 
 
+class Head(Mix):
+    """The mix over its five best tokens only (scores rounded so that ties occur): as candidates with their
+    ids, most likely first, or (``dense``) as the same scores over the whole vocabulary."""
+
+    dense: ClassVar[bool] = False
+
+    def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
+        merged = np.round(views["a"].dense(step.vocab_size) + views["b"].dense(step.vocab_size), 1)
+        ids = np.argsort(-merged, kind="stable")[:5]
+        if self.dense:
+            out = np.full(step.vocab_size, -np.inf)
+            out[ids] = merged[ids]
+            return Scores(out)
+        return Scores(merged[ids], token_ids=ids)
+
+
+class DenseHead(Head):
+    dense: ClassVar[bool] = True
+
+
+@pytest.mark.parametrize("speculative", [None, {**NGRAM, "block_size": 3}])
+@pytest.mark.parametrize(
+    "sampling",
+    [SamplingOptions(), SamplingOptions(temperature=1.0), SamplingOptions(temperature=0.7, top_k=3),
+     SamplingOptions(temperature=1.3, top_p=0.8, min_p=0.05)],
+)
+def test_candidate_scores_decide_as_the_same_scores_over_the_vocabulary(
+    sampling: SamplingOptions, speculative: dict | None
+) -> None:
+    """The driver decides over a decoder's candidates without a vocabulary-sized vector: the same tokens
+    (ties to the lowest id, the same seeded draws), log-probabilities and top log-probabilities."""
+    m = models()
+    for seed in range(8):
+        ctx = context(max_tokens=10, top_logprobs=3, sampling=sampling, seed=seed)
+        params = Head.parse_params({"speculative": speculative})
+        sparse = ContractExecutor(m).run(Head(params), ctx)
+        ctx = context(max_tokens=10, top_logprobs=3, sampling=sampling, seed=seed)
+        dense = ContractExecutor(m).run(DenseHead(params), ctx)
+        assert sparse.tokens == dense.tokens
+        for a, b in zip(sparse.emits, dense.emits, strict=True):
+            np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=1e-12)
+            for ta, tb in zip(a.top_logprobs, b.top_logprobs, strict=True):
+                assert list(ta) == list(tb)
+                np.testing.assert_allclose(list(ta.values()), list(tb.values()), rtol=1e-12)
+
+
 def test_missing_role_is_a_decoder_error() -> None:
     ctx = make_context({"a": ([1], V)}, TOK)
     with pytest.raises(DecoderError) as info:
