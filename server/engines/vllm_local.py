@@ -89,10 +89,12 @@ def _sampling_params(spec: SamplingSpec) -> Any:
 
 
 def _view_params(
-    want: ViewSpec, max_tokens: int = 1, extra_args: dict[str, Any] | None = None, **extra: Any
+    want: ViewSpec, max_tokens: int = 1, extra_args: dict[str, Any] | None = None, chosen_ids: bool = False,
+    **extra: Any,
 ) -> Any:
     """Sampling parameters of a request whose views alignd reads as numpy rows; ``extra_args`` are added
-    to alignd's own."""
+    to alignd's own. With ``chosen_ids`` (the engine gives chosen-id log-probabilities to the requests that
+    ask, see ``vllm_plugin``) a view of chosen ids alone asks for those ids instead of a whole row."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -106,10 +108,13 @@ def _view_params(
         "skip_clone": True,
         "extra_args": {_RAW_LOGPROBS: True, **(extra_args or {})},
     }
-    if want.full or want.token_ids:
-        # Views of chosen ids come from the full row: in vLLM 0.32 one request with logprob_token_ids in an
-        # engine step gives every other request of that step its gathered ids instead of its own top-k or
-        # full row (Sampler.forward prefers them for the whole batch).
+    if chosen_ids and want.token_ids and not want.full and not want.top_k:
+        kwargs["logprobs"] = len(want.token_ids)
+        kwargs["logprob_token_ids"] = list(want.token_ids)
+    elif want.full or want.token_ids:
+        # Elsewhere views of chosen ids come from the full row: in vLLM 0.32 one request with
+        # logprob_token_ids in an engine step gives every other request of that step its gathered ids instead
+        # of its own top-k or full row (Sampler.forward prefers them for the whole batch).
         kwargs["logprobs"] = -1
     else:
         kwargs["logprobs"] = max(1, want.top_k)
@@ -219,10 +224,15 @@ def _cache_eos_lookup(llm: Any) -> None:
 
 def _row_view(row: _RawRow, want: ViewSpec, vocab_size: int) -> StepView:
     ids, lps = row
-    if want.full or want.token_ids:  # asked for as full rows (see _view_params)
+    if want.full or want.token_ids:
+        # A whole row, or the sampled token and the chosen ids (see _view_params), padded by vLLM with id 0 at
+        # -inf: a token at -inf reads the same whether it is in the view or not.
+        keep = (ids >= 0) & (ids < vocab_size) & np.isfinite(lps)
+        ids, lps = ids[keep], lps[keep]
+        if not want.full and ids.size < vocab_size:
+            return _position_view(ids, lps, want)
         dense = np.full(vocab_size, -np.inf)
-        inside = ids < vocab_size
-        dense[ids[inside]] = lps[inside]
+        dense[ids] = lps
         full = StepView(logprobs=dense)
         if want.full:
             return full
@@ -497,6 +507,8 @@ class LocalVLLMEngine(Engine):
         """Whether sessions score appended chunks (alignd's vLLM plugin; off once the runner returns no rows)."""
         self.rewind_block: int | None = None
         """KV block size within which sessions rewind in place (alignd's vLLM plugin); ``None``: they restart."""
+        self.chosen_ids = False
+        """Whether views of chosen token ids ask for those ids (alignd's vLLM plugin) instead of whole rows."""
 
     def engine_args(self) -> Any:
         """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""
@@ -557,6 +569,7 @@ class LocalVLLMEngine(Engine):
                     os.environ[BIND_ENV] = saved
         _cache_eos_lookup(self.llm)
         self.rewind_block = await self._rewind_block_size()
+        self.chosen_ids = await self._chosen_ids()
         cfg = self.llm.model_config
         eos: set[int] = set()
         gen_cfg = getattr(cfg, "hf_config", None)
@@ -585,6 +598,17 @@ class LocalVLLMEngine(Engine):
             log.info("model %s: sessions restart instead of rewinding (%s)", self.name, exc)
             return None
         return int(size) if size else None
+
+    async def _chosen_ids(self) -> bool:
+        """The engine core's answer to whether its sampler gives chosen-id log-probabilities to the requests
+        that ask alone (``False`` also when alignd's plugin does not run there)."""
+        if self.settings.task == "reward":
+            return False
+        try:
+            return bool(await self.llm.engine_core.call_utility_async("alignd_token_id_logprobs"))
+        except Exception as exc:  # noqa: BLE001 (vLLM reports a failed utility call as a bare Exception)
+            log.info("model %s: views of chosen ids read whole rows (%s)", self.name, exc)
+            return False
 
     async def shutdown(self) -> None:
         self._ready = False
@@ -620,7 +644,7 @@ class LocalVLLMEngine(Engine):
         if params is None:
             if len(self._session_params) >= 256:  # views of chosen ids vary per step: keep the cache small
                 self._session_params.clear()
-            params = self._session_params[want] = _view_params(want)
+            params = self._session_params[want] = _view_params(want, chosen_ids=self.chosen_ids)
         return _with_extra_args(params, extra_args) if extra_args else params
 
     def _rid(self, request_id: str) -> str:
