@@ -180,8 +180,8 @@ class Contrastive(TokenLevelDecoder):
         return prompt
 
     def scores(self, step: Step, views: Mapping[str, StepView], extra: Sequence[Any]) -> Scores:
-        """The contrastive objective at ``step``: over the plausible head alone when the expert's top-k view
-        holds all of it (see :meth:`refine`), else over the vocabulary."""
+        """The contrastive objective at ``step``: over the plausible head's tokens alone when the expert's view
+        is its top-k (on a large vocabulary), else over the whole vocabulary."""
         head = self._head(step, views["expert"])
         if head is not None:
             return self._head_scores(step, views, *head)

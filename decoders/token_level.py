@@ -421,7 +421,7 @@ class TokenLevelDecoder(Decoder):
 
     def _target(self, r: _Run, step: Step, scores: Scores) -> _Target:
         if scores.token_ids is not None and step.allowed is None:
-            return self._candidate_target(r, scores)
+            return self._candidate_target(r, step, scores)
         logits = scores.dense(r.vocab_size)
         if step.allowed is not None:
             raw = log_softmax(logits)
@@ -430,16 +430,10 @@ class TokenLevelDecoder(Decoder):
             if weights is not None:
                 logits = logits + _fit_weights(weights, r.vocab_size)
         if not np.isfinite(logits).any():
-            raise DecoderError(
-                f"decoder {self.name!r} found no allowed token at output position {len(step.generated)}"
-            )
-        probs = None
-        if not r.greedy:
-            s = r.ctx.sampling
-            probs = sampling_probs(logits, r.temperature, s.top_p, s.top_k, s.min_p)
-        return _Target(logits, probs, scores)
+            raise self._no_token(step)
+        return _Target(logits, self._probs(r, logits), scores)
 
-    def _candidate_target(self, r: _Run, scores: Scores) -> _Target:
+    def _candidate_target(self, r: _Run, step: Step, scores: Scores) -> _Target:
         """The target over the candidates of ``scores`` alone (no grammar): the same choices, log-probabilities
         and draws as over the whole vocabulary, without a vocabulary-sized pass per token."""
         ids = np.asarray(scores.token_ids, dtype=np.int64)
@@ -449,12 +443,18 @@ class TokenLevelDecoder(Decoder):
         order = np.argsort(ids, kind="stable")
         ids, logits = ids[order], logits[order]
         if not np.isfinite(logits).any():
-            raise DecoderError(f"decoder {self.name!r} found no allowed token at output position {len(r.generated)}")
-        probs = None
-        if not r.greedy:
-            s = r.ctx.sampling
-            probs = sampling_probs(logits, r.temperature, s.top_p, s.top_k, s.min_p)
-        return _Target(logits, probs, scores, ids)
+            raise self._no_token(step)
+        return _Target(logits, self._probs(r, logits), scores, ids)
+
+    def _probs(self, r: _Run, logits: np.ndarray) -> np.ndarray | None:
+        """The sampling distribution over ``logits`` (``None`` when greedy)."""
+        if r.greedy:
+            return None
+        s = r.ctx.sampling
+        return sampling_probs(logits, r.temperature, s.top_p, s.top_k, s.min_p)
+
+    def _no_token(self, step: Step) -> DecoderError:
+        return DecoderError(f"decoder {self.name!r} found no allowed token at output position {len(step.generated)}")
 
     def _choose(self, r: _Run, target: _Target) -> int:
         if target.probs is None:
