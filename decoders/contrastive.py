@@ -29,7 +29,7 @@ p_adversarial`` (``beta`` and ``tau`` unused; the plausibility constraint still 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import numpy as np
@@ -188,24 +188,32 @@ class Contrastive(TokenLevelDecoder):
         p = self.params
         expert = views["expert"].dense(step.vocab_size)
         amateur = views["amateur"].dense(step.vocab_size)
-        coefficient = p.beta / p.tau if p.formula == "cd" else p.acd_alpha
-        logits = contrastive_scores(expert, amateur, p.alpha, coefficient, step.allowed)
+        logits = contrastive_scores(expert, amateur, p.alpha, self._coefficient, step.allowed)
         base = expert if step.allowed is None else np.where(step.allowed, expert, -np.inf)
-        top = int(np.argmax(base))
-        ctx = step.ctx
+        return Scores(logits, explain=self._explainer(step, views, int(np.argmax(base))))
+
+    @property
+    def _coefficient(self) -> float:
+        """The amateur's weight: ``beta / tau`` ('cd') or ACD's alpha."""
+        p = self.params
+        return p.beta / p.tau if p.formula == "cd" else p.acd_alpha
+
+    def _explainer(self, step: Step, views: Mapping[str, StepView], top: int) -> Callable[[int], str]:
+        """The provenance reason of a chosen token, given the expert's top-1 ``top``."""
+        ctx, expert, amateur = step.ctx, views["expert"], views["amateur"]
+        label = "contrastive" if self.params.formula == "cd" else "contrastive(acd)"
 
         def explain(token: int) -> str:
-            label = "contrastive" if p.formula == "cd" else "contrastive(acd)"
+            p_expert = np.exp(expert.logprob_of(token))
             if token == top:
-                text = token_text(ctx, "expert", token)
-                return f"{label}: expert top-1 {text!r} kept (p_expert={np.exp(expert[token]):.3f})"
+                return f"{label}: expert top-1 {token_text(ctx, 'expert', token)!r} kept (p_expert={p_expert:.3f})"
             return (
                 f"{label}: expert top-1 {token_text(ctx, 'expert', top)!r} demoted "
-                f"(p_amateur={np.exp(amateur[top]):.3f}); chose {token_text(ctx, 'expert', token)!r} "
-                f"(p_expert={np.exp(expert[token]):.3f}, p_amateur={np.exp(amateur[token]):.3f})"
+                f"(p_amateur={np.exp(amateur.logprob_of(top)):.3f}); chose {token_text(ctx, 'expert', token)!r} "
+                f"(p_expert={p_expert:.3f}, p_amateur={np.exp(amateur.logprob_of(token)):.3f})"
             )
 
-        return Scores(logits, explain=explain)
+        return explain
 
     def _head(self, step: Step, expert: StepView) -> tuple[np.ndarray, np.ndarray] | None:
         """The plausible head (token ids, expert log-probabilities) within the expert's partial view, ``None``
@@ -226,22 +234,7 @@ class Contrastive(TokenLevelDecoder):
 
     def _head_scores(self, step: Step, views: Mapping[str, StepView], ids: np.ndarray, expert: np.ndarray) -> Scores:
         """:func:`contrastive_scores` over the head's tokens only (the same values; every other token is out)."""
-        p = self.params
-        coefficient = p.beta / p.tau if p.formula == "cd" else p.acd_alpha
         amateur = views["amateur"].logprobs_of(ids)
-        logits = expert - coefficient * np.where(np.isfinite(amateur), amateur, _FLOOR)
+        logits = expert - self._coefficient * np.where(np.isfinite(amateur), amateur, _FLOOR)
         top = int(ids[expert == np.max(expert)].min())  # the lowest id among ties, as over the vocabulary
-        ctx, expert_view, amateur_view = step.ctx, views["expert"], views["amateur"]
-
-        def explain(token: int) -> str:
-            label = "contrastive" if p.formula == "cd" else "contrastive(acd)"
-            p_expert = np.exp(expert_view.logprob_of(token))
-            if token == top:
-                return f"{label}: expert top-1 {token_text(ctx, 'expert', token)!r} kept (p_expert={p_expert:.3f})"
-            return (
-                f"{label}: expert top-1 {token_text(ctx, 'expert', top)!r} demoted "
-                f"(p_amateur={np.exp(amateur_view.logprob_of(top)):.3f}); chose {token_text(ctx, 'expert', token)!r} "
-                f"(p_expert={p_expert:.3f}, p_amateur={np.exp(amateur_view.logprob_of(token)):.3f})"
-            )
-
-        return Scores(logits, token_ids=ids, explain=explain)
+        return Scores(logits, token_ids=ids, explain=self._explainer(step, views, top))

@@ -590,25 +590,24 @@ class LocalVLLMEngine(Engine):
     async def _rewind_block_size(self) -> int | None:
         """The engine core's answer to whether its sessions can rewind in place (``None`` also when alignd's
         plugin does not run there)."""
-        if self.settings.task == "reward":
-            return None
-        try:
-            size = await self.llm.engine_core.call_utility_async("alignd_rewind_block_size")
-        except Exception as exc:  # noqa: BLE001 (vLLM reports a failed utility call as a bare Exception)
-            log.info("model %s: sessions restart instead of rewinding (%s)", self.name, exc)
-            return None
+        size = await self._ask_plugin("alignd_rewind_block_size", "sessions restart instead of rewinding")
         return int(size) if size else None
 
     async def _chosen_ids(self) -> bool:
         """The engine core's answer to whether its sampler gives chosen-id log-probabilities to the requests
         that ask alone (``False`` also when alignd's plugin does not run there)."""
+        return bool(await self._ask_plugin("alignd_token_id_logprobs", "views of chosen ids read whole rows"))
+
+    async def _ask_plugin(self, utility: str, without: str) -> Any:
+        """The engine core's answer to one of alignd's plugin utility calls; ``None`` for a reward model or
+        where the call fails (logged with ``without``: what alignd does instead)."""
         if self.settings.task == "reward":
-            return False
+            return None
         try:
-            return bool(await self.llm.engine_core.call_utility_async("alignd_token_id_logprobs"))
+            return await self.llm.engine_core.call_utility_async(utility)
         except Exception as exc:  # noqa: BLE001 (vLLM reports a failed utility call as a bare Exception)
-            log.info("model %s: views of chosen ids read whole rows (%s)", self.name, exc)
-            return False
+            log.info("model %s: %s (%s)", self.name, without, exc)
+            return None
 
     async def shutdown(self) -> None:
         self._ready = False
