@@ -1,7 +1,9 @@
 """``make bench``: issue #4's speed table, measured side by side in one run on this machine.
 
 Two suites, each on its own alignd server: the tiny generated models (every decoder on distinct models with
-one vocabulary) and the embedded default models. Per suite: composite recipes against their floors (one
+one vocabulary) and the embedded default models. Per suite, before the server starts: a bare session step
+against a native token on the suite's plain model (reported: the floor of the mechanism, see
+``bench.session_floor``). Then: composite recipes against their floors (one
 request at a time and eight at once), against a naive resubmitting gateway, speculative on and off, the
 gateway's CPU time per merged token, and a plain model through alignd against vLLM's own server. On the
 embedded default also: start-up time to a healthy ``/health``, peak memory of the whole server, and the
@@ -25,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import load, servers
+from bench import load, servers, session_floor
 from bench.configs import COPY_INSTRUCTIONS, INSTRUCTIONS, Suite, embedded_suite, tiny_suite
 from bench.procs import MemorySampler
 from bench.report import Report, Row
@@ -38,7 +40,7 @@ SOAK_SECONDS = 600.0  # the issue's "gateway memory over a 10-minute run"
 # on a shared machine, so its rounds carry more requests.
 TINY_THROUGHPUT_SCALE = 4
 
-ROW_GROUPS = ("nudging", "contrastive", "logit_arithmetic", "args", "speculative", "plain", "soak")
+ROW_GROUPS = ("session", "nudging", "contrastive", "logit_arithmetic", "args", "speculative", "plain", "soak")
 
 
 @dataclass
@@ -219,8 +221,28 @@ def _soak_row(suite: Suite, report: Report, raw: dict[str, Any], soak: dict[str,
                    soak["growth"] <= 0.10, soak["growth"], soak))
 
 
+async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> dict[str, Any]:
+    """The bare session step against a native token on the suite's plain model (reported, no target): what
+    the lockstep rows and the gateway's CPU per merged token cannot go under (see ``bench.session_floor``)."""
+    print(f"\n== {suite.label}: bare session steps against native decoding ({suite.plain_model})", flush=True)
+    prompts = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[: opts.single_prompts])
+    f = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len, prompts,
+                                    opts.max_tokens, 2)
+    data = f.to_json()
+    report.add(Row("bare session step (top-1 view, no decoder) / native token: under every lockstep ratio",
+                   suite.label, "reported", f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", None,
+                   f.ratio, data))
+    report.add(Row("gateway CPU per bare session step: per role of every merged token", suite.label, "reported",
+                   f"{f.session_cpu_ms:.2f} ms (native decoding {f.native_cpu_ms:.2f} ms per token)", None,
+                   f.session_cpu_ms, data))
+    return data
+
+
 async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dict[str, Any]:
     suite = embedded_suite() if name == "embedded" else tiny_suite()
+    floor: dict[str, Any] = {}
+    if opts.wants("session"):  # before the server starts: nothing else runs
+        floor = await _session_floor_rows(suite, opts, report)
     print(f"\n== {suite.label}: starting alignd", flush=True)
     sampler: list[MemorySampler] = []
     server = await asyncio.to_thread(
@@ -229,6 +251,8 @@ async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dic
     )
     print(f"   healthy after {server.startup_s:.1f} s", flush=True)
     raw: dict[str, Any] = {"startup_s": round(server.startup_s, 1)}
+    if floor:
+        raw["session_floor"] = floor
     try:
         if name == "embedded":
             report.add(Row("`make serve` on a prepared machine: time until /health answers 200", suite.label,

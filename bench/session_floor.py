@@ -1,0 +1,131 @@
+"""What one step of a streaming-input session costs with no decoder at all: the floor under every lockstep
+row and under the gateway's CPU per merged token.
+
+A token-level decoder steps one session per role for every token it merges (alignd's engine layer over
+vLLM 0.32's streaming-input requests: the chosen token is appended as a new chunk, the engine writes the
+next position's view). This measures that mechanism alone, on one model in this process: each prompt
+decoded natively (the floor's kind of request), then stepped one token at a time through a session asking
+for the top-1 view only and appending that token (a greedy decoder that does nothing else). Both go
+through alignd's engine layer (``LocalVLLMEngine``); this process's CPU time is the frontend's (the engine
+core is a process of its own), so a session step's CPU is what the gateway cannot spend less than per role
+and merged token.
+
+    python -m bench.session_floor tiny        # or: embedded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+__all__ = ["SessionFloor", "measure", "prompts"]
+
+
+@dataclass(frozen=True)
+class SessionFloor:
+    """Native decoding against bare session steps on the same prompts and token counts, per token."""
+
+    tokens: int
+    native_ms: float
+    """Wall time per natively decoded token."""
+    session_ms: float
+    """Wall time per session step (one token appended, its top-1 view read)."""
+    native_cpu_ms: float
+    """This process's CPU time per natively decoded token (vLLM's frontend and alignd's engine layer)."""
+    session_cpu_ms: float
+    """This process's CPU time per session step."""
+
+    @property
+    def ratio(self) -> float:
+        """Session step against native token, wall time."""
+        return self.session_ms / self.native_ms
+
+    def to_json(self) -> dict[str, Any]:
+        """The measurement as JSON, with the ratio."""
+        return {**{k: round(v, 4) if isinstance(v, float) else v for k, v in asdict(self).items()},
+                "ratio": round(self.ratio, 4)}
+
+
+async def measure(path: str, dtype: str, max_model_len: int, prompts: list[list[int]], max_tokens: int,
+                  rounds: int) -> SessionFloor:
+    """Start one engine on ``path``, warm it, then alternate native decoding and bare session steps of
+    ``max_tokens`` tokens per prompt for ``rounds`` rounds (who goes first alternates)."""
+    from alignd.decoders.contract import ViewSpec
+    from alignd.server.engines.base import SamplingSpec
+    from alignd.server.engines.vllm_local import LocalVLLMEngine
+    from alignd.server.settings import ModelSettings
+
+    engine = LocalVLLMEngine("floor", ModelSettings(path=path, dtype=dtype, max_model_len=max_model_len))
+    await engine.start()
+    top1 = ViewSpec(top_k=1)
+    spec = SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+
+    async def native(ids: list[int], tag: str) -> int:
+        written = 0
+        async for update in engine.generate(tag, ids, spec):
+            written += sum(len(c.token_ids) for c in update.choices)
+        return written
+
+    async def session(ids: list[int], tag: str) -> int:
+        s = engine.open_session(tag)
+        context = list(ids)
+        try:
+            for _ in range(max_tokens):
+                view = await s.view(context, top1)
+                assert view.token_ids is not None
+                context.append(int(view.token_ids[0]))
+        finally:
+            await s.close()
+        return max_tokens
+
+    async def timed(fn: Any, tag: str) -> tuple[float, float, int]:
+        w0, c0 = time.perf_counter(), time.process_time()
+        n = 0
+        for j, ids in enumerate(prompts):
+            n += await fn(ids, f"{tag}-{j}")
+        return time.perf_counter() - w0, time.process_time() - c0, n
+
+    try:
+        await native(prompts[0], "warm-native")
+        await session(prompts[0], "warm-session")
+        totals = {"native": [0.0, 0.0, 0], "session": [0.0, 0.0, 0]}
+        for r in range(rounds):
+            order = ("native", "session") if r % 2 == 0 else ("session", "native")
+            for kind in order:
+                wall, cpu, n = await timed(native if kind == "native" else session, f"{kind}-{r}")
+                t = totals[kind]
+                t[0], t[1], t[2] = t[0] + wall, t[1] + cpu, int(t[2]) + n
+    finally:
+        await engine.shutdown()
+    (nw, nc, nn), (sw, sc, sn) = totals["native"], totals["session"]
+    if nn != sn:
+        raise RuntimeError(f"native decoding wrote {nn} tokens, the sessions {sn}")
+    per = 1000 / sn
+    return SessionFloor(int(sn), nw * per, sw * per, nc * per, sc * per)
+
+
+def prompts(path: str, texts: list[str]) -> list[list[int]]:
+    """``texts`` in the token ids of the model at ``path`` (plain text, no chat template)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return [list(tok(t)["input_ids"]) for t in texts]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Measure one suite's plain model and print the result."""
+    from bench.configs import INSTRUCTIONS, embedded_suite, tiny_suite
+
+    name = (argv if argv is not None else sys.argv[1:] or ["tiny"])[0]
+    suite = embedded_suite() if name == "embedded" else tiny_suite()
+    floor = asyncio.run(measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
+                                prompts(suite.plain_path, INSTRUCTIONS[:4]), 64, 2))
+    print(floor.to_json())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
