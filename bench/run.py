@@ -221,28 +221,34 @@ def _soak_row(suite: Suite, report: Report, raw: dict[str, Any], soak: dict[str,
                    soak["growth"] <= 0.10, soak["growth"], soak))
 
 
-async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> dict[str, Any]:
-    """The bare session step against a native token on the suite's plain model (reported, no target): what
-    the lockstep rows and the gateway's CPU per merged token cannot go under (see ``bench.session_floor``)."""
+async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> list[dict[str, Any]]:
+    """Bare session steps against native tokens on the suite's plain model, one request at a time and eight at
+    once (reported, no target): what the lockstep rows and the gateway's CPU per merged token cannot go
+    under (see ``bench.session_floor``)."""
     print(f"\n== {suite.label}: bare session steps against native decoding ({suite.plain_model})", flush=True)
-    prompts = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[: opts.single_prompts])
-    f = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len, prompts,
-                                    opts.max_tokens, 2)
-    data = f.to_json()
-    report.add(Row("bare session step (top-1 view, no decoder) / native token: under every lockstep ratio",
-                   suite.label, "reported", f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", None,
-                   f.ratio, data))
-    report.add(Row("gateway CPU per bare session step: per role of every merged token", suite.label, "reported",
-                   f"{f.session_cpu_ms:.2f} ms (native decoding {f.native_cpu_ms:.2f} ms per token)", None,
-                   f.session_cpu_ms, data))
-    return data
+    ids = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[:8])
+    floors = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
+                                         [(1, ids[: opts.single_prompts]), (8, ids)], opts.max_tokens,
+                                         max(2, opts.rounds))
+    for f in floors:
+        load = "1 request" if f.concurrency == 1 else f"{f.concurrency} concurrent"
+        report.add(Row(f"bare session step (top-1 view, no decoder) / native token, {load}: under the lockstep "
+                       "ratios", suite.label, "reported",
+                       f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", None, f.ratio, f.to_json()))
+    one = floors[0]
+    report.add(Row("gateway CPU per bare session step, 1 request: per role of every merged token", suite.label,
+                   "reported", f"{one.session_cpu_ms:.2f} ms (native decoding {one.native_cpu_ms:.2f} ms per token)",
+                   None, one.session_cpu_ms, one.to_json()))
+    return [f.to_json() for f in floors]
 
 
 async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dict[str, Any]:
     suite = embedded_suite() if name == "embedded" else tiny_suite()
-    floor: dict[str, Any] = {}
+    floor: list[dict[str, Any]] = []
     if opts.wants("session"):  # before the server starts: nothing else runs
         floor = await _session_floor_rows(suite, opts, report)
+        if opts.only == {"session"}:
+            return {"session_floor": floor}
     print(f"\n== {suite.label}: starting alignd", flush=True)
     sampler: list[MemorySampler] = []
     server = await asyncio.to_thread(

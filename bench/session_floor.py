@@ -26,13 +26,16 @@ __all__ = ["SessionFloor", "measure", "prompts"]
 
 @dataclass(frozen=True)
 class SessionFloor:
-    """Native decoding against bare session steps on the same prompts and token counts, per token."""
+    """Native decoding against bare session steps on the same prompts and token counts."""
 
+    concurrency: int
+    """Requests in flight at once."""
     tokens: int
+    """Tokens written each way."""
     native_ms: float
-    """Wall time per natively decoded token."""
+    """Wall time per natively decoded token of one request (the engine step, when requests run at once)."""
     session_ms: float
-    """Wall time per session step (one token appended, its top-1 view read)."""
+    """Wall time per session step of one request (one token appended, its top-1 view read)."""
     native_cpu_ms: float
     """This process's CPU time per natively decoded token (vLLM's frontend and alignd's engine layer)."""
     session_cpu_ms: float
@@ -49,10 +52,11 @@ class SessionFloor:
                 "ratio": round(self.ratio, 4)}
 
 
-async def measure(path: str, dtype: str, max_model_len: int, prompts: list[list[int]], max_tokens: int,
-                  rounds: int) -> SessionFloor:
-    """Start one engine on ``path``, warm it, then alternate native decoding and bare session steps of
-    ``max_tokens`` tokens per prompt for ``rounds`` rounds (who goes first alternates)."""
+async def measure(path: str, dtype: str, max_model_len: int, loads: list[tuple[int, list[list[int]]]],
+                  max_tokens: int, rounds: int) -> list[SessionFloor]:
+    """Start one engine on ``path``, warm it, then for each load (its prompts sent ``concurrency`` at a
+    time) alternate native decoding and bare session steps of ``max_tokens`` tokens per prompt for ``rounds``
+    rounds (who goes first alternates); one result per load."""
     from alignd.decoders.contract import ViewSpec
     from alignd.server.engines.base import SamplingSpec
     from alignd.server.engines.vllm_local import LocalVLLMEngine
@@ -81,30 +85,35 @@ async def measure(path: str, dtype: str, max_model_len: int, prompts: list[list[
             await s.close()
         return max_tokens
 
-    async def timed(fn: Any, tag: str) -> tuple[float, float, int]:
+    async def timed(fn: Any, group: list[list[int]], tag: str) -> tuple[float, float, int]:
         w0, c0 = time.perf_counter(), time.process_time()
-        n = 0
-        for j, ids in enumerate(prompts):
-            n += await fn(ids, f"{tag}-{j}")
-        return time.perf_counter() - w0, time.process_time() - c0, n
+        written = await asyncio.gather(*(fn(ids, f"{tag}-{j}") for j, ids in enumerate(group)))
+        return time.perf_counter() - w0, time.process_time() - c0, sum(written)
 
+    results = []
     try:
-        await native(prompts[0], "warm-native")
-        await session(prompts[0], "warm-session")
-        totals = {"native": [0.0, 0.0, 0], "session": [0.0, 0.0, 0]}
-        for r in range(rounds):
-            order = ("native", "session") if r % 2 == 0 else ("session", "native")
-            for kind in order:
-                wall, cpu, n = await timed(native if kind == "native" else session, f"{kind}-{r}")
-                t = totals[kind]
-                t[0], t[1], t[2] = t[0] + wall, t[1] + cpu, int(t[2]) + n
+        await native(loads[0][1][0], "warm-native")
+        await session(loads[0][1][0], "warm-session")
+        for i, (concurrency, load) in enumerate(loads):
+            groups = [load[k:k + concurrency] for k in range(0, len(load), concurrency)]
+            totals = {"native": [0.0, 0.0, 0], "session": [0.0, 0.0, 0]}
+            for r in range(rounds):
+                order = ("native", "session") if r % 2 == 0 else ("session", "native")
+                for kind in order:
+                    for g, group in enumerate(groups):
+                        wall, cpu, n = await timed(native if kind == "native" else session, group,
+                                                   f"{kind}-{i}-{r}-{g}")
+                        t = totals[kind]
+                        t[0], t[1], t[2] = t[0] + wall, t[1] + cpu, int(t[2]) + n
+            (nw, nc, nn), (sw, sc, sn) = totals["native"], totals["session"]
+            if nn != sn:
+                raise RuntimeError(f"native decoding wrote {nn} tokens, the sessions {sn}")
+            steps = 1000 * concurrency / sn  # per step of one request
+            results.append(SessionFloor(concurrency, int(sn), nw * steps, sw * steps, nc * 1000 / sn,
+                                        sc * 1000 / sn))
     finally:
         await engine.shutdown()
-    (nw, nc, nn), (sw, sc, sn) = totals["native"], totals["session"]
-    if nn != sn:
-        raise RuntimeError(f"native decoding wrote {nn} tokens, the sessions {sn}")
-    per = 1000 / sn
-    return SessionFloor(int(sn), nw * per, sw * per, nc * per, sc * per)
+    return results
 
 
 def prompts(path: str, texts: list[str]) -> list[list[int]]:
@@ -121,9 +130,10 @@ def main(argv: list[str] | None = None) -> int:
 
     name = (argv if argv is not None else sys.argv[1:] or ["tiny"])[0]
     suite = embedded_suite() if name == "embedded" else tiny_suite()
-    floor = asyncio.run(measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
-                                prompts(suite.plain_path, INSTRUCTIONS[:4]), 64, 2))
-    print(floor.to_json())
+    ids = prompts(suite.plain_path, INSTRUCTIONS[:8])
+    for floor in asyncio.run(measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
+                                     [(1, ids[:4]), (8, ids)], 64, 2)):
+        print(floor.to_json())
     return 0
 
 
