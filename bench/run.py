@@ -223,8 +223,8 @@ def _soak_row(suite: Suite, report: Report, raw: dict[str, Any], soak: dict[str,
 
 async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> list[dict[str, Any]]:
     """Bare session steps against native tokens on the suite's plain model, one request at a time and eight at
-    once (reported, no target): what the lockstep rows and the gateway's CPU per merged token cannot go
-    under (see ``bench.session_floor``)."""
+    once (reported, no target): the price of the session mechanism itself, which every lockstep row pays per
+    role and token (see ``bench.session_floor``)."""
     print(f"\n== {suite.label}: bare session steps against native decoding ({suite.plain_model})", flush=True)
     ids = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[:8])
     floors = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
@@ -232,11 +232,11 @@ async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> li
                                          max(2, opts.rounds))
     for f in floors:
         load = "1 request" if f.concurrency == 1 else f"{f.concurrency} concurrent"
-        report.add(Row(f"bare session step (top-1 view, no decoder) / native token, {load}: under the lockstep "
-                       "ratios", suite.label, "reported",
+        report.add(Row(f"one engine, bare session step (top-1 view, no decoder) / native token, {load}",
+                       suite.label, "reported",
                        f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", None, f.ratio, f.to_json()))
     one = floors[0]
-    report.add(Row("gateway CPU per bare session step, 1 request: per role of every merged token", suite.label,
+    report.add(Row("one engine, gateway CPU per bare session step, 1 request (per role of a merged token)", suite.label,
                    "reported", f"{one.session_cpu_ms:.2f} ms (native decoding {one.native_cpu_ms:.2f} ms per token)",
                    None, one.session_cpu_ms, one.to_json()))
     return [f.to_json() for f in floors]

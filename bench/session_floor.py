@@ -1,14 +1,16 @@
-"""What one step of a streaming-input session costs with no decoder at all: the floor under every lockstep
-row and under the gateway's CPU per merged token.
+"""What one step of a streaming-input session costs with no decoder at all: the price of the mechanism that
+every lockstep row pays per role and merged token.
 
 A token-level decoder steps one session per role for every token it merges (alignd's engine layer over
 vLLM 0.32's streaming-input requests: the chosen token is appended as a new chunk, the engine writes the
-next position's view). This measures that mechanism alone, on one model in this process: each prompt
-decoded natively (the floor's kind of request), then stepped one token at a time through a session asking
-for the top-1 view only and appending that token (a greedy decoder that does nothing else). Both go
-through alignd's engine layer (``LocalVLLMEngine``); this process's CPU time is the frontend's (the engine
-core is a process of its own), so a session step's CPU is what the gateway cannot spend less than per role
-and merged token.
+next position's view). This measures that mechanism alone, on one model in this process: the prompts
+decoded natively (the floor's kind of request), then stepped one token at a time through sessions asking
+for the top-1 view only and appending that token (a greedy decoder that does nothing else), one request at
+a time and eight at once. Both go through alignd's engine layer (``LocalVLLMEngine``); this process's CPU
+time is the frontend's (the engine core is a process of its own), so a session step's CPU is what the
+gateway cannot spend less than per role and merged token. (A composite row's floor runs its roles'
+engines at once on the same cores, so its ratio is not bounded by this one-engine ratio; what carries over
+is the price per step.)
 
     python -m bench.session_floor tiny        # or: embedded
 """
