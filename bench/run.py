@@ -2,7 +2,7 @@
 
 Two suites, each on its own alignd server: the tiny generated models (every decoder on distinct models with
 one vocabulary) and the embedded default models. Per suite, before the server starts: a bare session step
-against a native token on the suite's plain model (reported: the floor of the mechanism, see
+against a native token on the suite's plain model (reported: the price of the session mechanism, see
 ``bench.session_floor``). Then: composite recipes against their floors (one
 request at a time and eight at once), against a naive resubmitting gateway, speculative on and off, the
 gateway's CPU time per merged token, and a plain model through alignd against vLLM's own server. On the
@@ -226,10 +226,16 @@ async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> li
     once (reported, no target): the price of the session mechanism itself, which every lockstep row pays per
     role and token (see ``bench.session_floor``)."""
     print(f"\n== {suite.label}: bare session steps against native decoding ({suite.plain_model})", flush=True)
-    ids = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[:8])
-    floors = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
-                                         [(1, ids[: opts.single_prompts]), (8, ids)], opts.max_tokens,
-                                         max(2, opts.rounds))
+    try:
+        ids = await asyncio.to_thread(session_floor.prompts, suite.plain_path, INSTRUCTIONS[:8])
+        floors = await session_floor.measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
+                                             [(1, ids[: opts.single_prompts]), (8, ids)], opts.max_tokens,
+                                             max(2, opts.rounds))
+    except Exception as exc:  # noqa: BLE001 - a reported row must not cost the suite's measured ones
+        traceback.print_exc()
+        report.missing("one engine, bare session step / native token", suite.label, "reported",
+                       f"{type(exc).__name__}: {str(exc)[:200]}")
+        return [{"error": f"{type(exc).__name__}: {exc}"[-4000:]}]
     for f in floors:
         load = "1 request" if f.concurrency == 1 else f"{f.concurrency} concurrent"
         report.add(Row(f"one engine, bare session step (top-1 view, no decoder) / native token, {load}",
