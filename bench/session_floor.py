@@ -130,7 +130,11 @@ def main(argv: list[str] | None = None) -> int:
     """Measure one suite's plain model and print the result."""
     from bench.configs import INSTRUCTIONS, embedded_suite, tiny_suite
 
-    name = (argv if argv is not None else sys.argv[1:] or ["tiny"])[0]
+    args = sys.argv[1:] if argv is None else argv
+    name = args[0] if args else "tiny"
+    if name not in ("tiny", "embedded"):
+        print("usage: python -m bench.session_floor [tiny|embedded]", file=sys.stderr)
+        return 2
     suite = embedded_suite() if name == "embedded" else tiny_suite()
     ids = prompts(suite.plain_path, INSTRUCTIONS[:8])
     for floor in asyncio.run(measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
