@@ -13,6 +13,7 @@ engines at once on the same cores, so its ratio is not bounded by this one-engin
 is the price per step.)
 
     python -m bench.session_floor tiny        # or: embedded
+    python -m bench.session_floor --model /path/to/checkpoint --dtype bfloat16
 """
 
 from __future__ import annotations
@@ -127,18 +128,26 @@ def prompts(path: str, texts: list[str]) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Measure one suite's plain model and print the result."""
+    """Measure one suite's plain model, or any local checkpoint, and print the results."""
+    import argparse
+
     from bench.configs import INSTRUCTIONS, embedded_suite, tiny_suite
 
-    args = sys.argv[1:] if argv is None else argv
-    name = args[0] if args else "tiny"
-    if name not in ("tiny", "embedded"):
-        print("usage: python -m bench.session_floor [tiny|embedded]", file=sys.stderr)
-        return 2
-    suite = embedded_suite() if name == "embedded" else tiny_suite()
-    ids = prompts(suite.plain_path, INSTRUCTIONS[:8])
-    for floor in asyncio.run(measure(suite.plain_path, suite.plain_dtype, suite.max_model_len,
-                                     [(1, ids[:4]), (8, ids)], 64, 2)):
+    p = argparse.ArgumentParser(prog="python -m bench.session_floor", description=__doc__.split("\n\n")[0])
+    p.add_argument("suite", nargs="?", default="tiny", choices=("tiny", "embedded"),
+                   help="whose plain model to measure (default tiny)")
+    p.add_argument("--model", help="a local checkpoint folder to measure instead")
+    p.add_argument("--dtype", default="auto", help="with --model: vLLM's dtype (default auto)")
+    p.add_argument("--max-model-len", type=int, default=2048, help="with --model: context length (default 2048)")
+    p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    a = p.parse_args(argv)
+    if a.model:
+        path, dtype, max_len = a.model, a.dtype, a.max_model_len
+    else:
+        suite = embedded_suite() if a.suite == "embedded" else tiny_suite()
+        path, dtype, max_len = suite.plain_path, suite.plain_dtype, suite.max_model_len
+    ids = prompts(path, INSTRUCTIONS[:8])
+    for floor in asyncio.run(measure(path, dtype, max_len, [(1, ids[:4]), (8, ids)], a.max_tokens, 2)):
         print(floor.to_json())
     return 0
 
