@@ -158,10 +158,7 @@ class ARGS(TokenLevelDecoder):
         view = views["base"]
         if view.token_ids is not None and step.allowed is None:
             # a top-k view: sort its own entries, not a vocabulary-sized vector (the same order)
-            ids = np.asarray(view.token_ids, dtype=np.int64)
-            lps = np.asarray(view.logprobs, dtype=np.float64)
-            keep = (ids < step.vocab_size) & np.isfinite(lps)
-            ids, lps = ids[keep], lps[keep]
+            ids, lps = view.finite_entries(step.vocab_size)
             order = np.lexsort((ids, -lps))[: self.params.k]
             return ids[order], lps[order]
         base = view.dense(step.vocab_size)

@@ -128,6 +128,15 @@ class StepView:
         hits = np.nonzero(self.token_ids == token_id)[0]
         return float(self.logprobs[hits[0]]) if hits.size else -np.inf
 
+    def finite_entries(self, vocab_size: int) -> tuple[np.ndarray, np.ndarray]:
+        """A partial view's entries inside the vocabulary with a finite log-probability: int64 token ids and
+        float64 log-probabilities, in the view's order."""
+        assert self.token_ids is not None, "finite_entries reads a partial view"
+        ids = np.asarray(self.token_ids, dtype=np.int64)
+        lps = np.asarray(self.logprobs, dtype=np.float64)
+        keep = (ids < vocab_size) & np.isfinite(lps)
+        return ids[keep], lps[keep]
+
     def logprobs_of(self, token_ids: np.ndarray) -> np.ndarray:
         """The float64 log-probabilities of ``token_ids``, ``-inf`` for tokens the view does not include."""
         ids = np.asarray(token_ids, dtype=np.int64)

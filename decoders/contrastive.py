@@ -108,8 +108,12 @@ def contrastive_scores(
         return np.full_like(expert, -np.inf)
     threshold = np.max(base) + (np.log(alpha) if alpha > 0 else -np.inf)
     head = finite & (base >= threshold)
-    amateur = np.where(np.isfinite(amateur), amateur, _FLOOR)
-    return np.where(head, expert - coefficient * amateur, -np.inf)
+    return np.where(head, expert - coefficient * _floored(amateur), -np.inf)
+
+
+def _floored(amateur: np.ndarray) -> np.ndarray:
+    """The amateur's log-probabilities with tokens it did not return at ``_FLOOR`` instead of ``-inf``."""
+    return np.where(np.isfinite(amateur), amateur, _FLOOR)
 
 
 class Contrastive(TokenLevelDecoder):
@@ -221,20 +225,18 @@ class Contrastive(TokenLevelDecoder):
         vocabulary-sized computation on the same views gives the same head.)"""
         if expert.token_ids is None or self.params.alpha <= 0:
             return None
-        ids = np.asarray(expert.token_ids, dtype=np.int64)
-        lps = np.asarray(expert.logprobs, dtype=np.float64)
-        valid = (ids < step.vocab_size) & np.isfinite(lps)
+        ids, lps = expert.finite_entries(step.vocab_size)
         if step.allowed is not None:
-            valid &= step.allowed[np.minimum(ids, step.vocab_size - 1)]
-        if not valid.any():
+            allowed = step.allowed[ids]
+            ids, lps = ids[allowed], lps[allowed]
+        if not ids.size:
             return None
-        threshold = float(np.max(lps[valid])) + float(np.log(self.params.alpha))
-        head = valid & (lps >= threshold)
+        head = lps >= float(np.max(lps)) + float(np.log(self.params.alpha))
         return ids[head], lps[head]
 
     def _head_scores(self, step: Step, views: Mapping[str, StepView], ids: np.ndarray, expert: np.ndarray) -> Scores:
         """:func:`contrastive_scores` over the head's tokens only (the same values; every other token is out)."""
         amateur = views["amateur"].logprobs_of(ids)
-        logits = expert - self._coefficient * np.where(np.isfinite(amateur), amateur, _FLOOR)
+        logits = expert - self._coefficient * _floored(amateur)
         top = int(ids[expert == np.max(expert)].min())  # the lowest id among ties, as over the vocabulary
         return Scores(logits, token_ids=ids, explain=self._explainer(step, views, top))

@@ -62,7 +62,11 @@ def sampling_probs(
         raise ValueError("sampling_probs needs a positive temperature; greedy decoding takes the argmax")
     logp = log_softmax(np.asarray(scores, dtype=np.float64) / temperature)
     finite = np.isfinite(logp)
-    probs = np.exp(logp) if finite.all() else np.where(finite, np.exp(np.where(finite, logp, 0.0)), 0.0)
+    if finite.all():
+        probs = np.exp(logp)
+    else:  # exp(-inf) takes numpy's slow path (see log_softmax)
+        probs = np.zeros_like(logp)
+        probs[finite] = np.exp(logp[finite])
     if not probs.any():
         return probs
     if min_p > 0.0:
