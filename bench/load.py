@@ -92,3 +92,18 @@ async def tokenize(base_url: str, model: str, messages: list[dict[str, str]]) ->
         r = await h.post(base_url + "/tokenize", json={"model": model, "messages": messages})
         r.raise_for_status()
         return list(r.json()["tokens"])
+
+
+async def decode_steps(base_url: str) -> dict[str, float]:
+    """``alignd_engine_decode_steps_total`` by model, from the server's /metrics: the forward steps decoders
+    have asked of each model so far."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with httpx.AsyncClient(timeout=60) as h:
+        r = await h.get(base_url + "/metrics")
+        r.raise_for_status()
+    return {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(r.text) if family.name == "alignd_engine_decode_steps"
+        for sample in family.samples if sample.name.endswith("_total")
+    }

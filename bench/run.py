@@ -112,6 +112,12 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             raw[f"{kind}_single"] = r.to_json()
             what = f"{kind.replace('_', ' ')}" + (" (k=10, implicit reward)" if kind == "args" else "")
             report.ratio(f"{what}: time / floor, 1 request", label, r.ratio, limit, data=r.to_json())
+            if kind == "nudging" and r.detail.get("aligner_steps_bound") is not None:
+                d = r.detail
+                report.add(Row("nudging: the aligner's forward steps alone, natively / floor, 1 request (its whole "
+                               "blocks, of which the floor counts the words it wrote)", label, "reported",
+                               f"{d['aligner_steps_bound']:.2f}x ({d['aligner_steps']} steps for "
+                               f"{d['aligner_tokens']} tokens written)", None, d["aligner_steps_bound"], r.to_json()))
         # eight at once, and the naive gateway on the same prompts and lengths
         for kind in ("nudging", "contrastive", "logit_arithmetic"):
             many = suite.recipes.get(kind)
@@ -133,12 +139,19 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         # speculative draft-and-verify on and off
         if "contrastive_spec" in suite.recipes and opts.wants("speculative"):
             off = suite.recipes.get("contrastive_spec_off", suite.recipes["contrastive"])
-            r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens)
+            r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens,
+                                    draft_role="expert")
             raw["speculative"] = r.to_json()
             same = r.detail["same_tokens"]
             report.ratio("speculative contrastive, the expert drafting: speed-up over the same recipe without it",
                          label, r.ratio, 1.8, at_most=False, data=r.to_json(),
                          fmt=lambda v: f"{v:.2f}x (same tokens {same}, drafts kept {r.detail['draft_acceptance']:.0%})")
+            if "draft_alone_bound" in r.detail:
+                d = r.detail
+                report.add(Row("speculative contrastive, the expert drafting: the most it can give (the recipe "
+                               "without it / the expert alone, natively, same answers)", label, "reported",
+                               f"{d['draft_alone_bound']:.2f}x ({r.seconds:.2f} vs {d['draft_alone_seconds']:.2f} s)",
+                               None, d["draft_alone_bound"], r.to_json()))
         if "contrastive_ngram" in suite.recipes and opts.wants("speculative"):
             copying = COPY_INSTRUCTIONS[: opts.single_prompts]
             g = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_ngram"], copying,

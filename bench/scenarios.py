@@ -122,18 +122,35 @@ class SuiteBench:
         await self.floor(recipe, INSTRUCTION_WARM, res)
 
     async def single(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int) -> Ratio:
-        """One request at a time: composite then its floor, prompt by prompt (gateway CPU recorded)."""
-        total = base = 0.0
-        tokens = 0
+        """One request at a time: composite then its floor, prompt by prompt (gateway CPU recorded).
+
+        For nudging, also the aligner's forward steps (``alignd_engine_decode_steps``: its whole blocks, of
+        which the floor counts only the words it wrote) decoded natively by the aligner alone: one aligner
+        sequence takes those steps one after another, so that time over the floor bounds the ratio of any
+        nudging that runs each round's block in the aligner's one sequence (``aligner_steps_bound``)."""
+        total = base = aligner_alone = 0.0
+        tokens = aligner_steps = 0
         outputs = []
+        aligner = recipe.roles.get("aligner") if recipe.decoder == "nudging" else None
         for p in prompts:
+            before = await load.decode_steps(self.base_url) if aligner else {}
             res = await self.composite(recipe, p, max_tokens, cpu=True)
             total += res.seconds
             tokens += res.tokens
             base += await self.floor(recipe, p, res)
             outputs.append(res)
-        shares = _shares(outputs)
-        return Ratio(total, base, tokens, len(prompts), {"role_token_share": shares})
+            if aligner:
+                model, system = aligner
+                steps = int((await load.decode_steps(self.base_url)).get(model, 0.0) - before.get(model, 0.0))
+                aligner_steps += steps
+                aligner_alone += await self.native(model, await self.role_ids(model, system, p), steps)
+        detail: dict[str, Any] = {"role_token_share": _shares(outputs)}
+        if aligner:
+            written = sum((r.trace or {}).get("role_token_counts", {}).get("aligner", 0) for r in outputs)
+            detail |= {"aligner_steps": aligner_steps, "aligner_tokens": written,
+                       "aligner_steps_alone_seconds": round(aligner_alone, 4),
+                       "aligner_steps_bound": round(aligner_alone / base, 4) if base > 0 else None}
+        return Ratio(total, base, tokens, len(prompts), detail)
 
     async def concurrent(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int) -> tuple[Ratio, list[load.Result]]:
         """All prompts at once: the composite requests' wall time against their floors' wall time."""
@@ -156,9 +173,14 @@ class SuiteBench:
         ))
         return time.perf_counter() - t0
 
-    async def speculative(self, plain: RecipeInfo, spec: RecipeInfo, prompts: list[str], max_tokens: int) -> Ratio:
-        """The same recipe without and with speculative draft-and-verify, prompt by prompt; checks tokens."""
-        off = on = 0.0
+    async def speculative(self, plain: RecipeInfo, spec: RecipeInfo, prompts: list[str], max_tokens: int,
+                          *, draft_role: str | None = None) -> Ratio:
+        """The same recipe without and with speculative draft-and-verify, prompt by prompt; checks tokens.
+
+        With ``draft_role``, also the draft's model alone decoding each answer natively: no draft-and-verify
+        can be faster than its draft writing the answer alone, so time without speculation over that time
+        bounds the speed-up any drafting by that role can give (``draft_alone_bound``)."""
+        off = on = alone = 0.0
         same = 0
         kept = replaced = tokens = 0
         for p in prompts:
@@ -167,6 +189,9 @@ class SuiteBench:
             off += a.seconds
             on += b.seconds
             tokens += b.tokens
+            if draft_role is not None:
+                model, system = spec.roles[draft_role]
+                alone += await self.native(model, await self.role_ids(model, system, p), a.tokens)
             same += int(a.token_ids == b.token_ids)
             for span in (b.trace or {}).get("spans", []):
                 reason = span.get("reason", "")
@@ -174,8 +199,10 @@ class SuiteBench:
                 replaced += int("replaces" in reason)
         accept = kept / (kept + replaced) if kept + replaced else float("nan")
         # the ratio reads "speed-up": time without over time with
-        return Ratio(off, on, tokens, len(prompts),
-                     {"same_tokens": f"{same}/{len(prompts)}", "draft_acceptance": round(accept, 3)})
+        detail: dict[str, Any] = {"same_tokens": f"{same}/{len(prompts)}", "draft_acceptance": round(accept, 3)}
+        if draft_role is not None and alone > 0:
+            detail |= {"draft_alone_seconds": round(alone, 4), "draft_alone_bound": round(off / alone, 4)}
+        return Ratio(off, on, tokens, len(prompts), detail)
 
     async def throughput(self, client: openai.AsyncOpenAI, model: str, prompts: list[str], max_tokens: int,
                          concurrency: int) -> tuple[float, int]:

@@ -55,6 +55,12 @@ class Metrics:
             "alignd_engine_operations", "Decoder engine operations, by model and kind.", ["model", "op"],
             registry=self.registry,
         )
+        self.decode_steps = Counter(
+            "alignd_engine_decode_steps",
+            "Forward steps decoders asked of each model: a view, a scored block or a reward batch is one, a "
+            "written block one per token (compare with alignd_role_tokens, the tokens each role wrote).",
+            ["model"], registry=self.registry,
+        )
         self.in_flight = Gauge("alignd_requests_in_flight", "Requests being served.", registry=self.registry)
         self.engine_up = Gauge("alignd_engine_up", "1 when a hosted model's engine is ready.", ["model"],
                                registry=self.registry)

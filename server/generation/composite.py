@@ -153,12 +153,16 @@ async def generate_composite(
 
     counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once per request
 
-    def on_op(role: str, op: str) -> None:
+    def on_op(role: str, op: str, steps: int) -> None:
         if metrics is not None:
             counter = counters.get((role, op))
             if counter is None:
                 counter = counters[(role, op)] = metrics.engine_ops.labels(target.roles[role].model.name, op)
             counter.inc()
+            step_counter = counters.get((role, ""))
+            if step_counter is None:
+                step_counter = counters[(role, "")] = metrics.decode_steps.labels(target.roles[role].model.name)
+            step_counter.inc(steps)
 
     async def one_choice(index: int) -> AsyncIterator[ChoiceEvent]:
         seed = None if spec.seed is None else spec.seed + index

@@ -47,14 +47,19 @@ _PREFETCH_TOP_K = 128
 
 
 class DecoderExecutor:
-    """Executes one decoder run: role name -> engine, with one open session per role."""
+    """Executes one decoder run: role name -> engine, with one open session per role.
+
+    ``on_op(role, kind, steps)`` hears of every operation run: its kind (``ViewOp``, ``GenerateOp/session``
+    for a block written inside the session, ...) and the forward steps it asked of the engine (a view, a
+    scored block or a reward batch is one step, a written block one per token).
+    """
 
     def __init__(
         self,
         engines: Mapping[str, Engine],
         request_id: str,
         format_reward_pair: Callable[[str, str, str], str] | None = None,
-        on_op: Callable[[str, str], None] | None = None,
+        on_op: Callable[[str, str, int], None] | None = None,
     ) -> None:
         self.engines = engines
         self.request_id = request_id
@@ -103,7 +108,8 @@ class DecoderExecutor:
         if self._on_op is not None:
             # a block written or scored inside a session is counted apart from one that took a new request
             kind = type(op).__name__
-            self._on_op(op.role, f"{kind}/session" if in_session and not isinstance(op, ViewOp) else kind)
+            steps = len(result.token_ids) if isinstance(op, GenerateOp) else 1
+            self._on_op(op.role, f"{kind}/session" if in_session and not isinstance(op, ViewOp) else kind, steps)
         return result
 
     def _session(self, role: str) -> Session:

@@ -71,28 +71,31 @@ def test_contrastive_matches_reference(openai_client: openai.OpenAI, alignd_serv
     assert out.choices[0].text == hf["tokenizer"].decode(expected, skip_special_tokens=True)
 
 
-def _engine_ops(server: RunningServer) -> dict[tuple[str, str], float]:
-    """``alignd_engine_operations_total`` by (model, op) from /metrics."""
+def _counter(server: RunningServer, family_name: str, *labels: str) -> dict[Any, float]:
+    """A counter's ``_total`` samples from /metrics, keyed by the values of ``labels`` (one label: its value)."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = httpx.get(server.base_url + "/metrics").text
     return {
-        (s.labels["model"], s.labels["op"]): s.value
-        for family in text_string_to_metric_families(text) if family.name == "alignd_engine_operations"
+        (tuple(s.labels[k] for k in labels) if len(labels) > 1 else s.labels[labels[0]]): s.value
+        for family in text_string_to_metric_families(text) if family.name == family_name
         for s in family.samples if s.name.endswith("_total")
     }
+
+
+def _engine_ops(server: RunningServer) -> dict[tuple[str, str], float]:
+    """``alignd_engine_operations_total`` by (model, op)."""
+    return _counter(server, "alignd_engine_operations", "model", "op")
+
+
+def _decode_steps(server: RunningServer) -> dict[str, float]:
+    """``alignd_engine_decode_steps_total`` by model."""
+    return _counter(server, "alignd_engine_decode_steps", "model")
 
 
 def _session_rewinds(server: RunningServer) -> dict[str, float]:
-    """``alignd_session_rewinds_total`` by model from /metrics."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(server.base_url + "/metrics").text
-    return {
-        s.labels["model"]: s.value
-        for family in text_string_to_metric_families(text) if family.name == "alignd_session_rewinds"
-        for s in family.samples if s.name.endswith("_total")
-    }
+    """``alignd_session_rewinds_total`` by model."""
+    return _counter(server, "alignd_session_rewinds", "model")
 
 
 def test_speculative_blocks_are_written_and_scored_in_sessions(
@@ -109,11 +112,16 @@ def test_speculative_blocks_are_written_and_scored_in_sessions(
     expected = contrastive_ref.greedy(logits_fn(hf["tiny-base"]), logits_fn(hf["tiny-amateur"]), ids, ids, n,
                                       _eos(hf))
     before, rewinds_before = _engine_ops(alignd_server), _session_rewinds(alignd_server)
-    served, _ = _served(openai_client, "tiny-contrastive-spec", prompt, max_tokens=n)
+    steps_before = _decode_steps(alignd_server)
+    served, out = _served(openai_client, "tiny-contrastive-spec", prompt, max_tokens=n)
     after, rewinds_after = _engine_ops(alignd_server), _session_rewinds(alignd_server)
+    steps = {model: v - steps_before.get(model, 0.0) for model, v in _decode_steps(alignd_server).items()}
     grew = {key: after[key] - before.get(key, 0.0) for key in after if after[key] > before.get(key, 0.0)}
     rewound = {model: rewinds_after[model] - rewinds_before.get(model, 0.0) for model in rewinds_after}
     assert served == expected
+    # every token the draft wrote took a forward step of its model (a block counts one step per token)
+    drafted = out.choices[0].model_extra["alignment_trace"]["role_token_counts"]["expert"]
+    assert steps.get("tiny-base", 0) >= drafted > grew.get(("tiny-base", "GenerateOp/session"), 0), (steps, drafted)
     assert rewound.get("tiny-base", 0) >= 1 and rewound.get("tiny-amateur", 0) >= 1, rewound
     assert grew.get(("tiny-base", "GenerateOp/session"), 0) >= 2, grew
     assert grew.get(("tiny-amateur", "ScoreOp/session"), 0) >= 1, grew

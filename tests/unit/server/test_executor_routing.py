@@ -31,7 +31,8 @@ class BlockSession(FakeSession):
             return None
         BlockSession.generated.append(op)
         view = make_view(self._engine.logprobs(op.context), op.want)
-        return GeneratedBlock(token_ids=[7], views=[view], finished=False)
+        return GeneratedBlock(token_ids=[7, 8, 9][: op.max_tokens], views=[view] * min(op.max_tokens, 3),
+                              finished=False)
 
 
 class BlockEngine(FakeEngine):
@@ -42,12 +43,12 @@ class BlockEngine(FakeEngine):
 
 
 def _blocks() -> Generator[Any, Any, Finish]:
-    (greedy,) = yield [GenerateOp("draft", (1, 2), 1)]
+    (greedy,) = yield [GenerateOp("draft", (1, 2), 3)]
     sampled, scored = yield [
         GenerateOp("draft", (1, 2), 1, sampling=SamplingOptions(temperature=1.0, seed=3)),
         ScoreOp("other", (1, 2, 3), 1, ViewSpec(top_k=2)),
     ]
-    assert greedy.token_ids == [7]  # the session's block
+    assert greedy.token_ids == [7, 8, 9]  # the session's block
     assert len(sampled.token_ids) == 1 and len(scored) == 3  # the engine's requests
     assert all(isinstance(v, StepView) for v in scored)
     return Finish("stop")
@@ -57,13 +58,14 @@ async def test_blocks_run_in_sessions_that_can_and_as_requests_otherwise() -> No
     draft, other = BlockEngine("draft"), FakeEngine("other")
     await draft.start()
     await other.start()
-    ops: list[tuple[str, str]] = []
+    ops: list[tuple[str, str, int]] = []
     BlockSession.generated = []
-    executor = DecoderExecutor({"draft": draft, "other": other}, "req", on_op=lambda r, o: ops.append((r, o)))
+    executor = DecoderExecutor({"draft": draft, "other": other}, "req", on_op=lambda r, o, n: ops.append((r, o, n)))
     events = [e async for e in executor.run(_blocks())]
     assert events == [Finish("stop")]
     assert [op.sampling.temperature for op in BlockSession.generated] == [0.0]
-    assert sorted(ops) == [("draft", "GenerateOp"), ("draft", "GenerateOp/session"), ("other", "ScoreOp")]
+    # a written block costs a forward step per token, a scored block one step
+    assert sorted(ops) == [("draft", "GenerateOp", 1), ("draft", "GenerateOp/session", 3), ("other", "ScoreOp", 1)]
 
 
 class OneAtATimeSession(FakeSession):
