@@ -1,7 +1,9 @@
-"""Memory and CPU time of a server's process tree, read from ``/proc`` (Linux) through psutil."""
+"""Memory and CPU time of a server's process tree: memory from ``/proc`` (Linux) through psutil, CPU time from the
+process's CPU-time clock."""
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -54,7 +56,16 @@ def tree_memory(pid: int) -> TreeMemory:
 
 
 def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of one process (all its threads, not its children)."""
+    """CPU time of one process (all its threads, ended ones included, not its children).
+
+    On Linux it reads the process's CPU-time clock (``clock_gettime`` with the clock id of ``pid``), which
+    counts in nanoseconds; ``/proc``'s user and system times count whole clock ticks (10 ms), as coarse as
+    0.16 ms per token on a 64-token request. Elsewhere, or where that clock is refused, those times."""
+    if sys.platform == "linux":
+        try:
+            return time.clock_gettime(((~pid) << 3) | 2)  # CPUCLOCK_SCHED of the process pid
+        except OSError:
+            pass
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
 
