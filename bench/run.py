@@ -55,6 +55,7 @@ class Options:
     vllm: bool
     throughput_requests: int
     rounds: int
+    repeats: int = 1  # runs of each composite measurement, of which the median counts
     strict: bool = False
     only: frozenset[str] = frozenset()  # row groups to measure (empty: all of them)
 
@@ -71,6 +72,8 @@ def _options(argv: list[str] | None) -> Options:
     p.add_argument("--soak-seconds", type=float, default=None,
                    help="length of the gateway memory run (default 600, as the issue asks; quick 45)")
     p.add_argument("--no-vllm", action="store_true", help="skip the comparison with vLLM's own server")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs of each composite measurement, of which the median counts (default 3; quick 1)")
     p.add_argument("--strict", action="store_true", help="exit with 1 when a row misses its target")
     p.add_argument("--only", default="", help="comma-separated row groups to measure (while working on them): "
                    + ", ".join(ROW_GROUPS))
@@ -87,6 +90,7 @@ def _options(argv: list[str] | None) -> Options:
         vllm=not a.no_vllm,
         throughput_requests=8 if a.quick else 16,
         rounds=1 if a.quick else 3,
+        repeats=a.repeats or (1 if a.quick else 3),
         strict=a.strict,
         only=frozenset(g.strip() for g in a.only.split(",") if g.strip()),
     )
@@ -108,7 +112,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             one = suite.recipes.get(kind)
             if one is None or not opts.wants(kind):
                 continue
-            r = await b.single(one, single, opts.max_tokens)
+            r = await b.single(one, single, opts.max_tokens, opts.repeats)
             raw[f"{kind}_single"] = r.to_json()
             what = f"{kind.replace('_', ' ')}" + (" (k=10, implicit reward)" if kind == "args" else "")
             report.ratio(f"{what}: time / floor, 1 request", label, r.ratio, limit, data=r.to_json())
@@ -123,7 +127,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             many = suite.recipes.get(kind)
             if many is None or not opts.wants(kind):
                 continue
-            r, results = await b.concurrent(many, eight, opts.max_tokens)
+            r, results = await b.concurrent(many, eight, opts.max_tokens, opts.repeats)
             raw[f"{kind}_concurrent"] = r.to_json()
             report.ratio(f"{kind.replace('_', ' ')}: time / floor, 8 concurrent", label, r.ratio, 1.30,
                          data=r.to_json())
@@ -140,7 +144,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         if "contrastive_spec" in suite.recipes and opts.wants("speculative"):
             off = suite.recipes.get("contrastive_spec_off", suite.recipes["contrastive"])
             r = await b.speculative(off, suite.recipes["contrastive_spec"], single, opts.max_tokens,
-                                    draft_role="expert")
+                                    draft_role="expert", repeats=opts.repeats)
             raw["speculative"] = r.to_json()
             same = r.detail["same_tokens"]
             report.ratio("speculative contrastive, the expert drafting: speed-up over the same recipe without it",
@@ -155,7 +159,7 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
         if "contrastive_ngram" in suite.recipes and opts.wants("speculative"):
             copying = COPY_INSTRUCTIONS[: opts.single_prompts]
             g = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_ngram"], copying,
-                                    opts.max_tokens)
+                                    opts.max_tokens, repeats=opts.repeats)
             raw["speculative_ngram"] = g.to_json()
             report.ratio("speculative contrastive, prompt-lookup drafts on copying prompts: speed-up", label,
                          g.ratio, 1.8, at_most=False, data=g.to_json(),

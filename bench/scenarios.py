@@ -121,8 +121,9 @@ class SuiteBench:
         res = await self.composite(recipe, INSTRUCTION_WARM, 24)
         await self.floor(recipe, INSTRUCTION_WARM, res)
 
-    async def single(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int) -> Ratio:
-        """One request at a time: composite then its floor, prompt by prompt (gateway CPU recorded).
+    async def single(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int, repeats: int = 1) -> Ratio:
+        """One request at a time: composite then its floor, prompt by prompt, ``repeats`` times each; the
+        median time of each prompt's composite requests and of its floors (gateway CPU recorded per request).
 
         For nudging, also the aligner's forward steps (``alignd_engine_decode_steps``: its whole blocks, of
         which the floor counts only the words it wrote) decoded natively by the aligner alone: one aligner
@@ -131,20 +132,28 @@ class SuiteBench:
         total = base = aligner_alone = 0.0
         tokens = aligner_steps = 0
         outputs = []
+        runs: list[list[float]] = []
         aligner = recipe.roles.get("aligner") if recipe.decoder == "nudging" else None
         for p in prompts:
-            before = await load.decode_steps(self.base_url) if aligner else {}
-            res = await self.composite(recipe, p, max_tokens, cpu=True)
-            total += res.seconds
+            times, floors, alone = [], [], []
+            for _ in range(repeats):
+                before = await load.decode_steps(self.base_url) if aligner else {}
+                res = await self.composite(recipe, p, max_tokens, cpu=True)
+                times.append(res.seconds)
+                floors.append(await self.floor(recipe, p, res))
+                if aligner:
+                    model, system = aligner
+                    steps = int((await load.decode_steps(self.base_url)).get(model, 0.0) - before.get(model, 0.0))
+                    alone.append(await self.native(model, await self.role_ids(model, system, p), steps))
+            total += statistics.median(times)
+            base += statistics.median(floors)
             tokens += res.tokens
-            base += await self.floor(recipe, p, res)
             outputs.append(res)
+            runs.append([round(t, 3) for t in times])
             if aligner:
-                model, system = aligner
-                steps = int((await load.decode_steps(self.base_url)).get(model, 0.0) - before.get(model, 0.0))
                 aligner_steps += steps
-                aligner_alone += await self.native(model, await self.role_ids(model, system, p), steps)
-        detail: dict[str, Any] = {"role_token_share": _shares(outputs)}
+                aligner_alone += statistics.median(alone)
+        detail: dict[str, Any] = {"role_token_share": _shares(outputs), "repeats": repeats, "seconds_runs": runs}
         if aligner:
             written = sum((r.trace or {}).get("role_token_counts", {}).get("aligner", 0) for r in outputs)
             detail |= {"aligner_steps": aligner_steps, "aligner_tokens": written,
@@ -152,15 +161,22 @@ class SuiteBench:
                        "aligner_steps_bound": round(aligner_alone / base, 4) if base > 0 else None}
         return Ratio(total, base, tokens, len(prompts), detail)
 
-    async def concurrent(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int) -> tuple[Ratio, list[load.Result]]:
-        """All prompts at once: the composite requests' wall time against their floors' wall time."""
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(self.composite(recipe, p, max_tokens) for p in prompts))
-        wall = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        await asyncio.gather(*(self.floor(recipe, p, r) for p, r in zip(prompts, results)))
-        floor = time.perf_counter() - t1
-        return Ratio(wall, floor, sum(r.tokens for r in results), len(prompts)), list(results)
+    async def concurrent(self, recipe: RecipeInfo, prompts: list[str], max_tokens: int, repeats: int = 1
+                         ) -> tuple[Ratio, list[load.Result]]:
+        """All prompts at once, then their floors at once, ``repeats`` times: the median wall time of the
+        composite rounds against that of the floor rounds."""
+        walls, floors = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(self.composite(recipe, p, max_tokens) for p in prompts))
+            walls.append(time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            await asyncio.gather(*(self.floor(recipe, p, r) for p, r in zip(prompts, results)))
+            floors.append(time.perf_counter() - t1)
+        detail = {"repeats": repeats, "seconds_runs": [round(w, 3) for w in walls],
+                  "baseline_seconds_runs": [round(f, 3) for f in floors]}
+        return (Ratio(statistics.median(walls), statistics.median(floors), sum(r.tokens for r in results),
+                      len(prompts), detail), list(results))
 
     async def naive(self, recipe: RecipeInfo, prompts: list[str], results: list[load.Result]) -> float:
         """The naive gateway of the same recipe on the same prompts and lengths, all at once: every step
@@ -174,8 +190,9 @@ class SuiteBench:
         return time.perf_counter() - t0
 
     async def speculative(self, plain: RecipeInfo, spec: RecipeInfo, prompts: list[str], max_tokens: int,
-                          *, draft_role: str | None = None) -> Ratio:
-        """The same recipe without and with speculative draft-and-verify, prompt by prompt; checks tokens.
+                          *, draft_role: str | None = None, repeats: int = 1) -> Ratio:
+        """The same recipe without and with speculative draft-and-verify, prompt by prompt, ``repeats`` times
+        each (median times per prompt); checks tokens.
 
         With ``draft_role``, also the draft's model alone decoding each answer natively: no draft-and-verify
         can be faster than its draft writing the answer alone, so time without speculation over that time
@@ -184,14 +201,19 @@ class SuiteBench:
         same = 0
         kept = replaced = tokens = 0
         for p in prompts:
-            a = await self.composite(plain, p, max_tokens)
-            b = await self.composite(spec, p, max_tokens)
-            off += a.seconds
-            on += b.seconds
+            offs, ons, alones = [], [], []
+            for _ in range(repeats):
+                a = await self.composite(plain, p, max_tokens)
+                b = await self.composite(spec, p, max_tokens)
+                offs.append(a.seconds)
+                ons.append(b.seconds)
+                if draft_role is not None:
+                    model, system = spec.roles[draft_role]
+                    alones.append(await self.native(model, await self.role_ids(model, system, p), a.tokens))
+            off += statistics.median(offs)
+            on += statistics.median(ons)
+            alone += statistics.median(alones) if alones else 0.0
             tokens += b.tokens
-            if draft_role is not None:
-                model, system = spec.roles[draft_role]
-                alone += await self.native(model, await self.role_ids(model, system, p), a.tokens)
             same += int(a.token_ids == b.token_ids)
             for span in (b.trace or {}).get("spans", []):
                 reason = span.get("reason", "")
@@ -199,7 +221,8 @@ class SuiteBench:
                 replaced += int("replaces" in reason)
         accept = kept / (kept + replaced) if kept + replaced else float("nan")
         # the ratio reads "speed-up": time without over time with
-        detail: dict[str, Any] = {"same_tokens": f"{same}/{len(prompts)}", "draft_acceptance": round(accept, 3)}
+        detail: dict[str, Any] = {"same_tokens": f"{same}/{len(prompts)}", "draft_acceptance": round(accept, 3),
+                                  "repeats": repeats}
         if draft_role is not None and alone > 0:
             detail |= {"draft_alone_seconds": round(alone, 4), "draft_alone_bound": round(off / alone, 4)}
         return Ratio(off, on, tokens, len(prompts), detail)
