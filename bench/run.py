@@ -10,7 +10,7 @@ embedded default also: start-up time to a healthy ``/health``, peak memory of th
 gateway's memory over a sustained run. Prints one table and writes ``bench/results/<time>-<mode>.json``
 and ``bench/results/latest.json``.
 
-    python -m bench.run            # full (about 20 minutes on 2 cores, 10 of them the memory run)
+    python -m bench.run            # full (about 30 minutes on 2 cores, 10 of them the memory run)
     python -m bench.run --quick    # fewer prompts, shorter outputs, a short soak (about 5 minutes)
     python -m bench.run --suites embedded --only nudging   # some rows only (latest.json is left alone)
 """
