@@ -151,17 +151,20 @@ async def generate_composite(
     out_role = target.decoder.output_role()
     out_model = target.roles[out_role].model
 
-    counters: dict[tuple[str, str], Any] = {}  # prometheus children, looked up once per request
+    # prometheus children, looked up once per request
+    op_counters: dict[tuple[str, str], Any] = {}
+    step_counters: dict[str, Any] = {}
 
     def on_op(role: str, op: str, steps: int) -> None:
         if metrics is not None:
-            counter = counters.get((role, op))
+            model = target.roles[role].model.name
+            counter = op_counters.get((role, op))
             if counter is None:
-                counter = counters[(role, op)] = metrics.engine_ops.labels(target.roles[role].model.name, op)
+                counter = op_counters[(role, op)] = metrics.engine_ops.labels(model, op)
             counter.inc()
-            step_counter = counters.get((role, ""))
+            step_counter = step_counters.get(role)
             if step_counter is None:
-                step_counter = counters[(role, "")] = metrics.decode_steps.labels(target.roles[role].model.name)
+                step_counter = step_counters[role] = metrics.decode_steps.labels(model)
             step_counter.inc(steps)
 
     async def one_choice(index: int) -> AsyncIterator[ChoiceEvent]:
