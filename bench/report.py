@@ -88,6 +88,10 @@ class Report:
         ok = None if math.isnan(value) else (value <= limit if at_most else value >= limit)
         return self.add(Row(what, suite, target, fmt(value), ok, value, data or {}))
 
+    def reported(self, what: str, suite: str, measured: str, value: float, data: dict[str, Any]) -> Row:
+        """A row reported without a target (an explanation of other rows, such as a measured ceiling)."""
+        return self.add(Row(what, suite, "reported", measured, None, value, data))
+
     def missing(self, what: str, suite: str, target: str, why: str) -> Row:
         """A row that could not be measured in this run."""
         return self.add(Row(what, suite, target, f"not measured: {why}", None))

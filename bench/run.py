@@ -118,10 +118,10 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
             report.ratio(f"{what}: time / floor, 1 request", label, r.ratio, limit, data=r.to_json())
             if kind == "nudging" and r.detail.get("aligner_steps_bound") is not None:
                 d = r.detail
-                report.add(Row("nudging: the aligner's forward steps alone, natively / floor, 1 request (its whole "
-                               "blocks, of which the floor counts the words it wrote)", label, "reported",
-                               f"{d['aligner_steps_bound']:.2f}x ({d['aligner_steps']} steps for "
-                               f"{d['aligner_tokens']} tokens written)", None, d["aligner_steps_bound"], r.to_json()))
+                report.reported("nudging: the aligner's forward steps alone, natively / floor, 1 request (its whole "
+                                "blocks, of which the floor counts the words it wrote)", label,
+                                f"{d['aligner_steps_bound']:.2f}x ({d['aligner_steps']} steps for "
+                                f"{d['aligner_tokens']} tokens written)", d["aligner_steps_bound"], r.to_json())
         # eight at once, and the naive gateway on the same prompts and lengths
         for kind in ("nudging", "contrastive", "logit_arithmetic"):
             many = suite.recipes.get(kind)
@@ -152,10 +152,10 @@ async def _measure_suite(suite: Suite, server: servers.Server, opts: Options, re
                          fmt=lambda v: f"{v:.2f}x (same tokens {same}, drafts kept {r.detail['draft_acceptance']:.0%})")
             if "draft_alone_bound" in r.detail:
                 d = r.detail
-                report.add(Row("speculative contrastive, the expert drafting: the most it can give (the recipe "
-                               "without it / the expert alone, natively, same answers)", label, "reported",
-                               f"{d['draft_alone_bound']:.2f}x ({r.seconds:.2f} vs {d['draft_alone_seconds']:.2f} s)",
-                               None, d["draft_alone_bound"], r.to_json()))
+                report.reported("speculative contrastive, the expert drafting: the most it can give (the recipe "
+                                "without it / the expert alone, natively, same answers)", label,
+                                f"{d['draft_alone_bound']:.2f}x ({r.seconds:.2f} vs {d['draft_alone_seconds']:.2f} s)",
+                                d["draft_alone_bound"], r.to_json())
         if "contrastive_ngram" in suite.recipes and opts.wants("speculative"):
             copying = COPY_INSTRUCTIONS[: opts.single_prompts]
             g = await b.speculative(suite.recipes["contrastive"], suite.recipes["contrastive_ngram"], copying,
@@ -255,13 +255,13 @@ async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> li
         return [{"error": f"{type(exc).__name__}: {exc}"[-4000:]}]
     for f in floors:
         load = "1 request" if f.concurrency == 1 else f"{f.concurrency} concurrent"
-        report.add(Row(f"one engine, bare session step (top-1 view, no decoder) / native token, {load}",
-                       suite.label, "reported",
-                       f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", None, f.ratio, f.to_json()))
+        report.reported(f"one engine, bare session step (top-1 view, no decoder) / native token, {load}",
+                        suite.label, f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms)", f.ratio,
+                        f.to_json())
     one = floors[0]
-    report.add(Row("one engine, gateway CPU per bare session step, 1 request (per role of a merged token)", suite.label,
-                   "reported", f"{one.session_cpu_ms:.2f} ms (native decoding {one.native_cpu_ms:.2f} ms per token)",
-                   None, one.session_cpu_ms, one.to_json()))
+    report.reported("one engine, gateway CPU per bare session step, 1 request (per role of a merged token)",
+                    suite.label, f"{one.session_cpu_ms:.2f} ms (native decoding {one.native_cpu_ms:.2f} ms per token)",
+                    one.session_cpu_ms, one.to_json())
     return [f.to_json() for f in floors]
 
 
