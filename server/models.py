@@ -53,11 +53,15 @@ def build_engine(
 
 
 def core_shares(settings: Settings) -> dict[str, list[int]]:
-    """The CPU cores of each in-process model under ``cpu_binding: spread`` (empty otherwise)."""
+    """The CPU cores of each in-process model under ``cpu_binding: spread`` (empty otherwise); with fewer
+    cores than models, the models of each configured recipe are kept on different cores where possible."""
     local = [name for name, ms in settings.models.items() if ms.engine != "remote"]
     if settings.cpu_binding != "spread" or not local:
         return {}
-    return dict(zip(local, spread_cores(allowed_cores(), len(local)), strict=True))
+    index = {name: i for i, name in enumerate(local)}
+    together = [{index[r.model] for r in recipe.roles.values() if r.model in index}
+                for recipe in settings.recipes.values()]
+    return dict(zip(local, spread_cores(allowed_cores(), len(local), together), strict=True))
 
 
 class ModelPool:

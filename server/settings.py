@@ -139,7 +139,8 @@ class Settings(BaseSettings):
         "spread",
         description="On vLLM's CPU backend, where the in-process models' worker threads run: 'spread' gives "
         "each model its own cores (vLLM's automatic binding puts every engine on the same core, so models that "
-        "step together wait for each other); 'vllm' leaves it to vLLM. VLLM_CPU_OMP_THREADS_BIND in the "
+        "step together wait for each other; with fewer cores than models, the models of each configured recipe "
+        "go to different cores where they can); 'vllm' leaves it to vLLM. VLLM_CPU_OMP_THREADS_BIND in the "
         "environment always wins.",
     )
 

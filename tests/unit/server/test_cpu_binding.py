@@ -6,7 +6,7 @@ import pytest
 
 from alignd.server.engines.cpu_binding import omp_bind_value, spread_cores
 from alignd.server.models import core_shares
-from alignd.server.settings import ModelSettings, Settings
+from alignd.server.settings import ModelSettings, RecipeSettings, Settings
 
 
 @pytest.mark.parametrize(
@@ -25,6 +25,18 @@ def test_spread_cores(cores: list[int], engines: int, expected: list[list[int]])
     assert spread_cores(cores, engines) == expected
 
 
+def test_engines_stepping_together_take_different_cores_where_they_can() -> None:
+    # the test suite's tiny trio on 2 cores: contrastive pairs 0 and 2, logit arithmetic steps all three
+    together = [{0, 2}, {0, 2}, {0, 1, 2}, {0, 1}]
+    assert spread_cores([0, 1], 3, together) == [[0], [1], [1]]
+    assert spread_cores([0, 1], 3, [{0, 2}]) == [[0], [1], [1]]
+    assert spread_cores([0, 1], 3, [{1, 2}]) == [[0], [1], [0]]
+    # one core: nothing to choose
+    assert spread_cores([0], 2, [{0, 1}]) == [[0], [0]]
+    # enough cores: the groups change nothing
+    assert spread_cores([0, 1, 2], 2, [{0, 1}]) == [[0], [1]]
+
+
 def test_omp_bind_value() -> None:
     assert omp_bind_value([3, 4, 5]) == "3,4,5"
 
@@ -38,3 +50,11 @@ def test_core_shares_skip_remote_models_and_follow_the_setting(monkeypatch: pyte
     }
     assert core_shares(Settings(models=models)) == {"a": [0], "b": [1]}
     assert core_shares(Settings(models=models, cpu_binding="vllm")) == {}
+
+
+def test_core_shares_keep_a_recipes_models_apart(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("alignd.server.models.allowed_cores", lambda: [0, 1])
+    models = {name: ModelSettings(path=f"/m/{name}") for name in ("base", "chat", "amateur")}
+    recipes = {"c": RecipeSettings(decoder="contrastive", roles={"expert": "base", "amateur": "amateur"})}
+    assert core_shares(Settings(models=models)) == {"base": [0], "chat": [1], "amateur": [0]}
+    assert core_shares(Settings(models=models, recipes=recipes)) == {"base": [0], "chat": [1], "amateur": [1]}
