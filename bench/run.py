@@ -2,8 +2,9 @@
 
 Two suites, each on its own alignd server: the tiny generated models (every decoder on distinct models with
 one vocabulary) and the embedded default models. Per suite, before the server starts: a bare session step
-against a native token on the suite's plain model (reported: the price of the session mechanism, see
-``bench.session_floor``). Then: composite recipes against their floors (one
+against a native token on the suite's plain model, and the models of each lockstep recipe with distinct
+models stepped in lockstep with no decoder against their native decoding (reported: the price of the
+session mechanism, see ``bench.session_floor``). Then: composite recipes against their floors (one
 request at a time and eight at once), against a naive resubmitting gateway, speculative on and off, the
 gateway's CPU time per merged token, and a plain model through alignd against vLLM's own server. On the
 embedded default also: start-up time to a healthy ``/health``, peak memory of the whole server, and the
@@ -262,7 +263,46 @@ async def _session_floor_rows(suite: Suite, opts: Options, report: Report) -> li
     report.reported("one engine, gateway CPU per bare session step, 1 request (per role of a merged token)",
                     suite.label, f"{one.session_cpu_ms:.2f} ms (native decoding {one.native_cpu_ms:.2f} ms per token)",
                     one.session_cpu_ms, one.to_json())
-    return [f.to_json() for f in floors]
+    return [f.to_json() for f in floors] + await _lockstep_floor_rows(suite, opts, report, ids)
+
+
+async def _lockstep_floor_rows(suite: Suite, opts: Options, report: Report, ids: list[list[int]]
+                               ) -> list[dict[str, Any]]:
+    """For each lockstep recipe whose roles are distinct models: those models' bare sessions stepped in
+    lockstep (top-1 views, no decoder) against the same models decoding natively at once, on the cores the
+    server gives them (reported: what the recipe's rows cannot go under on vLLM 0.32's sessions)."""
+    from alignd.server.models import core_shares
+    from alignd.server.settings import Settings
+
+    groups = {kind: [m for m, _ in info.lockstep_roles.values()] for kind, info in suite.recipes.items()
+              if kind in ("contrastive", "logit_arithmetic")}
+    groups = {kind: g for kind, g in groups.items() if len(set(g)) == len(g) > 1}
+    if not groups:
+        return []
+    print(f"\n== {suite.label}: bare sessions in lockstep against native decoding ({', '.join(groups)})", flush=True)
+    cores = core_shares(Settings(**suite.config))
+    models = {m: (suite.config["models"][m]["path"], cores.get(m)) for g in groups.values() for m in g}
+    try:
+        measured = await session_floor.measure_lockstep(
+            models, list(groups.values()), suite.plain_dtype, suite.max_model_len,
+            [(1, ids[: opts.single_prompts]), (8, ids)], opts.max_tokens, max(2, opts.rounds))
+    except Exception as exc:  # noqa: BLE001 - a reported row must not cost the suite's measured ones
+        traceback.print_exc()
+        report.missing("roles' bare sessions in lockstep / roles natively", suite.label, "reported",
+                       f"{type(exc).__name__}: {str(exc)[:200]}")
+        return [{"error": f"{type(exc).__name__}: {exc}"[-4000:]}]
+    out = []
+    for (kind, group), floors in zip(groups.items(), measured, strict=True):
+        where = ", ".join(f"{m} on core {','.join(map(str, cores[m]))}" for m in group if cores.get(m))
+        for f in floors:
+            load = "1 request" if f.concurrency == 1 else f"{f.concurrency} concurrent"
+            data = {"recipe": kind, "models": group, "cores": {m: cores.get(m) for m in group}, **f.to_json()}
+            report.reported(f"{kind.replace('_', ' ')}'s {len(group)} models, bare sessions in lockstep (top-1 "
+                            f"views, no decoder) / the models natively at once, {load}", suite.label,
+                            f"{f.ratio:.2f}x ({f.session_ms:.2f} vs {f.native_ms:.2f} ms per token"
+                            f"{'; ' + where if where else ''})", f.ratio, data)
+            out.append(data)
+    return out
 
 
 async def _suite(name: str, opts: Options, report: Report, workdir: Path) -> dict[str, Any]:

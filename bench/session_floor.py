@@ -10,9 +10,13 @@ a time and eight at once. Both go through alignd's engine layer (``LocalVLLMEngi
 time is the frontend's (the engine core is a process of its own), so a session step's CPU is what the
 gateway cannot spend less than per role and merged token. (A composite row's floor runs its roles'
 engines at once on the same cores, so its ratio is not bounded by this one-engine ratio; what carries over
-is the price per step.)
+is the price per step.) ``measure_lockstep`` does the same for a recipe's roles on distinct models: their
+sessions stepped in lockstep (every step reads all their views at once and appends one token to each)
+against the same models decoding natively at once, each on the cores the server gives it: what that
+recipe's lockstep rows cannot go under, however cheap the decoder and the gateway around it.
 
     python -m bench.session_floor tiny        # or: embedded
+    python -m bench.session_floor tiny --lockstep tiny-base,tiny-amateur
     python -m bench.session_floor --model /path/to/checkpoint --dtype bfloat16
 """
 
@@ -24,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["SessionFloor", "measure", "prompts"]
+__all__ = ["SessionFloor", "measure", "measure_lockstep", "prompts"]
 
 
 @dataclass(frozen=True)
@@ -34,15 +38,18 @@ class SessionFloor:
     concurrency: int
     """Requests in flight at once."""
     tokens: int
-    """Tokens written each way."""
+    """Tokens written each way, by all roles."""
     native_ms: float
-    """Wall time per natively decoded token of one request (the engine step, when requests run at once)."""
+    """Wall time per natively decoded token of one request (the engine step, when requests run at once; with
+    several roles, all of them decoding at once)."""
     session_ms: float
-    """Wall time per session step of one request (one token appended, its top-1 view read)."""
+    """Wall time per session step of one request (one token appended to each role's session, their top-1
+    views read)."""
     native_cpu_ms: float
-    """This process's CPU time per natively decoded token (vLLM's frontend and alignd's engine layer)."""
+    """This process's CPU time per natively decoded token and role (vLLM's frontend and alignd's engine
+    layer)."""
     session_cpu_ms: float
-    """This process's CPU time per session step."""
+    """This process's CPU time per session step and role."""
 
     @property
     def ratio(self) -> float:
@@ -60,62 +67,85 @@ async def measure(path: str, dtype: str, max_model_len: int, loads: list[tuple[i
     """Start one engine on ``path``, warm it, then for each load (its prompts sent ``concurrency`` at a
     time) alternate native decoding and bare session steps of ``max_tokens`` tokens per prompt for ``rounds``
     rounds (who goes first alternates); one result per load."""
+    models: dict[str, tuple[str, list[int] | None]] = {"floor": (path, None)}
+    return (await measure_lockstep(models, [["floor"]], dtype, max_model_len, loads, max_tokens, rounds))[0]
+
+
+async def measure_lockstep(
+    models: dict[str, tuple[str, list[int] | None]], groups: list[list[str]], dtype: str, max_model_len: int,
+    loads: list[tuple[int, list[list[int]]]], max_tokens: int, rounds: int,
+) -> list[list[SessionFloor]]:
+    """Start one engine per model (``name -> (path, its worker's CPU cores or None)``), then for each group of
+    models (the roles of a lockstep recipe) and each load, alternate: every model of the group decoding the
+    prompts natively at once (the floor's kind of request), and one session per model stepped in lockstep,
+    each step reading every session's top-1 view at once and appending the first model's token to all (a
+    decoder that does nothing). Results per group, then per load; CPU times count per role and token."""
     from alignd.decoders.contract import ViewSpec
     from alignd.server.engines.base import SamplingSpec
     from alignd.server.engines.vllm_local import LocalVLLMEngine
     from alignd.server.settings import ModelSettings
 
-    engine = LocalVLLMEngine("floor", ModelSettings(path=path, dtype=dtype, max_model_len=max_model_len))
-    await engine.start()
+    engines = {name: LocalVLLMEngine(name, ModelSettings(path=path, dtype=dtype, max_model_len=max_model_len),
+                                     cores=cores)
+               for name, (path, cores) in models.items()}
     top1 = ViewSpec(top_k=1)
     spec = SamplingSpec(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
 
-    async def native(ids: list[int], tag: str) -> int:
-        written = 0
-        async for update in engine.generate(tag, ids, spec):
-            written += sum(len(c.token_ids) for c in update.choices)
-        return written
+    async def native(group: list[str], ids: list[int], tag: str) -> int:
+        async def one(engine: LocalVLLMEngine) -> int:
+            written = 0
+            async for update in engine.generate(tag, ids, spec):
+                written += sum(len(c.token_ids) for c in update.choices)
+            return written
 
-    async def session(ids: list[int], tag: str) -> int:
-        s = engine.open_session(tag)
+        return sum(await asyncio.gather(*(one(engines[m]) for m in group)))
+
+    async def lockstep(group: list[str], ids: list[int], tag: str) -> int:
+        sessions = [engines[m].open_session(tag) for m in group]
         context = list(ids)
         try:
             for _ in range(max_tokens):
-                view = await s.view(context, top1)
-                assert view.token_ids is not None
-                context.append(int(view.token_ids[0]))
+                views = await asyncio.gather(*(s.view(context, top1) for s in sessions))
+                assert views[0].token_ids is not None
+                context.append(int(views[0].token_ids[0]))
         finally:
-            await s.close()
-        return max_tokens
+            await asyncio.gather(*(s.close() for s in sessions))
+        return max_tokens * len(group)
 
-    async def timed(fn: Any, group: list[list[int]], tag: str) -> tuple[float, float, int]:
+    async def timed(fn: Any, group: list[str], prompts: list[list[int]], tag: str) -> tuple[float, float, int]:
         w0, c0 = time.perf_counter(), time.process_time()
-        written = await asyncio.gather(*(fn(ids, f"{tag}-{j}") for j, ids in enumerate(group)))
+        written = await asyncio.gather(*(fn(group, ids, f"{tag}-{j}") for j, ids in enumerate(prompts)))
         return time.perf_counter() - w0, time.process_time() - c0, sum(written)
 
-    results = []
+    results: list[list[SessionFloor]] = []
     try:
-        await native(loads[0][1][0], "warm-native")
-        await session(loads[0][1][0], "warm-session")
-        for i, (concurrency, load) in enumerate(loads):
-            groups = [load[k:k + concurrency] for k in range(0, len(load), concurrency)]
-            totals = {"native": [0.0, 0.0, 0], "session": [0.0, 0.0, 0]}
-            for r in range(rounds):
-                order = ("native", "session") if r % 2 == 0 else ("session", "native")
-                for kind in order:
-                    for g, group in enumerate(groups):
-                        wall, cpu, n = await timed(native if kind == "native" else session, group,
-                                                   f"{kind}-{i}-{r}-{g}")
-                        t = totals[kind]
-                        t[0], t[1], t[2] = t[0] + wall, t[1] + cpu, int(t[2]) + n
-            (nw, nc, nn), (sw, sc, sn) = totals["native"], totals["session"]
-            if nn != sn:
-                raise RuntimeError(f"native decoding wrote {nn} tokens, the sessions {sn}")
-            steps = 1000 * concurrency / sn  # per step of one request
-            results.append(SessionFloor(concurrency, int(sn), nw * steps, sw * steps, nc * 1000 / sn,
-                                        sc * 1000 / sn))
+        for engine in engines.values():  # one after another, as the server starts them
+            await engine.start()
+        for gi, group in enumerate(groups):
+            await native(group, loads[0][1][0], f"warm-native-{gi}")
+            await lockstep(group, loads[0][1][0], f"warm-session-{gi}")
+            per_load = []
+            for i, (concurrency, load) in enumerate(loads):
+                batches = [load[k:k + concurrency] for k in range(0, len(load), concurrency)]
+                totals = {"native": [0.0, 0.0, 0], "session": [0.0, 0.0, 0]}
+                for r in range(rounds):
+                    order = ("native", "session") if r % 2 == 0 else ("session", "native")
+                    for kind in order:
+                        for b, batch in enumerate(batches):
+                            wall, cpu, n = await timed(native if kind == "native" else lockstep, group, batch,
+                                                       f"{kind}-{gi}-{i}-{r}-{b}")
+                            t = totals[kind]
+                            t[0], t[1], t[2] = t[0] + wall, t[1] + cpu, int(t[2]) + n
+                (nw, nc, nn), (sw, sc, sn) = totals["native"], totals["session"]
+                if nn != sn:
+                    raise RuntimeError(f"native decoding wrote {nn} tokens, the sessions {sn}")
+                steps = 1000 * concurrency * len(group) / sn  # per step of one request (all its roles)
+                per_load.append(SessionFloor(concurrency, int(sn), nw * steps, sw * steps, nc * 1000 / sn,
+                                             sc * 1000 / sn))
+            results.append(per_load)
     finally:
-        await engine.shutdown()
+        for engine in engines.values():
+            await engine.shutdown()
     return results
 
 
@@ -140,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="auto", help="with --model: vLLM's dtype (default auto)")
     p.add_argument("--max-model-len", type=int, default=2048, help="with --model: context length (default 2048)")
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per request (default 64)")
+    p.add_argument("--lockstep", help="comma-separated models of the suite to step in lockstep instead, on the "
+                   "cores the suite's server gives them")
     a = p.parse_args(argv)
     if a.model:
         path, dtype, max_len = a.model, a.dtype, a.max_model_len
@@ -147,7 +179,18 @@ def main(argv: list[str] | None = None) -> int:
         suite = embedded_suite() if a.suite == "embedded" else tiny_suite()
         path, dtype, max_len = suite.plain_path, suite.plain_dtype, suite.max_model_len
     ids = prompts(path, INSTRUCTIONS[:8])
-    for floor in asyncio.run(measure(path, dtype, max_len, [(1, ids[:4]), (8, ids)], a.max_tokens, 2)):
+    loads = [(1, ids[:4]), (8, ids)]
+    if a.lockstep and not a.model:
+        from alignd.server.models import core_shares
+        from alignd.server.settings import Settings
+
+        group = a.lockstep.split(",")
+        cores = core_shares(Settings(**suite.config))
+        models = {m: (suite.config["models"][m]["path"], cores.get(m)) for m in group}
+        floors = asyncio.run(measure_lockstep(models, [group], dtype, max_len, loads, a.max_tokens, 2))[0]
+    else:
+        floors = asyncio.run(measure(path, dtype, max_len, loads, a.max_tokens, 2))
+    for floor in floors:
         print(floor.to_json())
     return 0
 
