@@ -34,9 +34,10 @@ One round
    inside its block, the block is output whole and decoding stops (as in the reference: the aligner decides
    how an answer ends); without ``aligner_end_lookahead`` only if it ends before the base takes over.
 3. **The base writes** in chunks of ``base_chunk_tokens``, each token with its top-1 view: greedy
-   decoding steps the base's session one :class:`ViewOp` per token (its top-1 is the greedy token, and the
-   chunk ends at the token where it would be cut); sampling lets the engine write natively with
-   :class:`GenerateOp`. The first token after a take-over is always kept; after that the chunk is cut at
+   decoding steps the base's session one :class:`ViewOp` per token for the first chunk of its turn (its
+   top-1 is the greedy token, and the chunk ends at the token where it would be cut); once a chunk was kept
+   whole the base is on a run and writes the next chunks natively with :class:`GenerateOp`, as sampling
+   always does (the same greedy tokens; a cut drops the rest). The first token after a take-over is always kept; after that the chunk is cut at
    the first word start whose first token had top-1 probability below ``gamma`` (an end-of-sequence token
    counts as a word start), and the next round starts there. A chunk without such a word start is kept
    whole and the base writes on.
@@ -752,9 +753,11 @@ class _Run:
             want = min(self.p.base_chunk_tokens, self.out.room)
             if first and early is not None and early.starts_at(self.base.ids, self.out.text):
                 gen = early.first(want)
-            elif self.greedy:
+            elif self.greedy and first:
                 gen = yield from self.greedy_chunk(want, first)
             else:
+                # sampling, or a greedy base on a run (its previous chunk was kept whole): the engine writes
+                # the chunk natively, and a cut drops the rest
                 op = GenerateOp(
                     "base",
                     tuple(self.base.ids),
@@ -817,9 +820,9 @@ class _Run:
         output ending in the character ``prev`` (a chunk written ahead of the decision that leads there).
 
         Greedy tokens are the views' top-1 tokens, so this writes what a native chunk would, but stops
-        where the base hands over instead of generating tokens that are thrown away, and the session keeps
-        the context for the next probes (a native chunk re-reads the context from the prefix cache, which
-        on CPU matches in blocks of 128 tokens).
+        where the base hands over instead of generating tokens that are thrown away: the first chunk of a
+        turn, where the hand-over usually comes within a few tokens (1-4 on the embedded default's Gemma-3
+        base), is written this way; later chunks of a run natively (see :meth:`base_writes`).
         """
         base_context = tuple(self.base.ids if context is None else context)
         ids: list[int] = []

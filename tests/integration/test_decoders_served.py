@@ -238,6 +238,30 @@ def test_nudging_on_a_shared_tokenizer(openai_client: openai.OpenAI, hf: dict[st
     assert out.usage.completion_tokens == sum(len(s["token_ids"]) for s in trace["spans"])
 
 
+def test_nudging_base_runs_written_natively_keep_the_tokens(
+    openai_client: openai.OpenAI, alignd_server: RunningServer
+) -> None:
+    """Greedy: after the first chunk of a base run, the base writes its chunks natively inside its session
+    (cut chunks rewind it); the output is the one written a view per token (one chunk longer than the
+    answer, so nothing is written natively)."""
+    def nudged(chunk: int) -> list[tuple[str, list[int]]]:
+        out = openai_client.chat.completions.create(
+            model="tiny-base", messages=[{"role": "user", "content": "Tell me about Paris."}], max_tokens=40,
+            temperature=0, extra_body={"alignment": {
+                "decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
+                "params": {"stop_on_repetition": False, "block_tokens": 6, "base_chunk_tokens": chunk},
+                "trace": True}},
+        )
+        return [(s["role"], s["token_ids"]) for s in out.choices[0].model_extra["alignment_trace"]["spans"]]
+
+    before = _engine_ops(alignd_server).get(("tiny-base", "GenerateOp/session"), 0.0)
+    native = nudged(3)
+    assert _engine_ops(alignd_server).get(("tiny-base", "GenerateOp/session"), 0.0) > before
+    stepwise = nudged(64)
+    assert [t for _, ids in native for t in ids] == [t for _, ids in stepwise for t in ids]
+    assert {role for role, _ in native} == {"base", "aligner"}  # hand-overs in both directions
+
+
 def test_grammar_recipe_always_matches(openai_client: openai.OpenAI) -> None:
     out = openai_client.completions.create(model="tiny-grammar", prompt="Answer:", max_tokens=10, n=6,
                                            temperature=1.0, seed=3)
