@@ -271,17 +271,14 @@ async def _lockstep_floor_rows(suite: Suite, opts: Options, report: Report, ids:
     """For each lockstep recipe whose roles are distinct models: those models' bare sessions stepped in
     lockstep (top-1 views, no decoder) against the same models decoding natively at once, on the cores the
     server gives them (reported: what the recipe's rows cannot go under on vLLM 0.32's sessions)."""
-    from alignd.server.models import core_shares
-    from alignd.server.settings import Settings
-
     groups = {kind: [m for m, _ in info.lockstep_roles.values()] for kind, info in suite.recipes.items()
               if kind in ("contrastive", "logit_arithmetic")}
     groups = {kind: g for kind, g in groups.items() if len(set(g)) == len(g) > 1}
     if not groups:
         return []
     print(f"\n== {suite.label}: bare sessions in lockstep against native decoding ({', '.join(groups)})", flush=True)
-    cores = core_shares(Settings(**suite.config))
-    models = {m: (suite.config["models"][m]["path"], cores.get(m)) for g in groups.values() for m in g}
+    models = session_floor.suite_models(suite.config, sorted({m for g in groups.values() for m in g}))
+    cores = {m: c for m, (_, c) in models.items()}
     try:
         measured = await session_floor.measure_lockstep(
             models, list(groups.values()), suite.plain_dtype, suite.max_model_len,

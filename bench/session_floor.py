@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-__all__ = ["SessionFloor", "measure", "measure_lockstep", "prompts"]
+__all__ = ["SessionFloor", "measure", "measure_lockstep", "prompts", "suite_models"]
 
 
 @dataclass(frozen=True)
@@ -149,6 +149,16 @@ async def measure_lockstep(
     return results
 
 
+def suite_models(config: dict[str, Any], names: list[str]) -> dict[str, tuple[str, list[int] | None]]:
+    """``names`` of a suite's server ``config`` as :func:`measure_lockstep` takes them: each model's path and
+    the CPU cores that server gives it (``cpu_binding: spread``)."""
+    from alignd.server.models import core_shares
+    from alignd.server.settings import Settings
+
+    cores = core_shares(Settings(**config))
+    return {m: (config["models"][m]["path"], cores.get(m)) for m in names}
+
+
 def prompts(path: str, texts: list[str]) -> list[list[int]]:
     """``texts`` in the token ids of the model at ``path`` (plain text, no chat template)."""
     from transformers import AutoTokenizer
@@ -181,12 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompts(path, INSTRUCTIONS[:8])
     loads = [(1, ids[:4]), (8, ids)]
     if a.lockstep and not a.model:
-        from alignd.server.models import core_shares
-        from alignd.server.settings import Settings
-
         group = a.lockstep.split(",")
-        cores = core_shares(Settings(**suite.config))
-        models = {m: (suite.config["models"][m]["path"], cores.get(m)) for m in group}
+        models = suite_models(suite.config, group)
         floors = asyncio.run(measure_lockstep(models, [group], dtype, max_len, loads, a.max_tokens, 2))[0]
     else:
         floors = asyncio.run(measure(path, dtype, max_len, loads, a.max_tokens, 2))

@@ -37,10 +37,10 @@ One round
    decoding steps the base's session one :class:`ViewOp` per token for the first chunk of its turn (its
    top-1 is the greedy token, and the chunk ends at the token where it would be cut); once a chunk was kept
    whole the base is on a run and writes the next chunks natively with :class:`GenerateOp`, as sampling
-   always does (the same greedy tokens; a cut drops the rest). The first token after a take-over is always kept; after that the chunk is cut at
-   the first word start whose first token had top-1 probability below ``gamma`` (an end-of-sequence token
-   counts as a word start), and the next round starts there. A chunk without such a word start is kept
-   whole and the base writes on.
+   always does (the same greedy tokens; a cut drops the rest). The first token after a take-over is always
+   kept; after that the chunk is cut at the first word start whose first token had top-1 probability
+   below ``gamma`` (an end-of-sequence token counts as a word start), and the next round starts there. A
+   chunk without such a word start is kept whole and the base writes on.
 
 Decoding stops on the aligner's end (step 2), on the base's end (an end-of-sequence token kept in step 3),
 on repetition (a base chunk of at least ``repetition_min_words`` words that already appears in the
