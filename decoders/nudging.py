@@ -3,8 +3,8 @@
 
 The method is text-level: base and aligner may have unrelated tokenizers, each role keeps its own prompt
 (the server builds them: the aligner's chat template, the base's plain format) and its own token ids of
-the shared output text. Where both tokenizers are the same, the two roles share token ids and nothing
-is re-tokenized.
+the shared output text. Where both tokenizers are the same (one vocabulary, even loaded from two model
+directories), the two roles share token ids and nothing is re-tokenized.
 
 One round
 ---------
@@ -166,6 +166,15 @@ def is_word_start(prev_char: str, next_char: str) -> bool:
     return _is_space(prev_char) != _is_space(next_char)
 
 
+def _starts_after_replacement(tok: Tokenizer, ids: Sequence[int], before: str) -> bool:
+    """Whether the last of ``ids`` starts a character of its own after ``before``, the text of the others,
+    which ends in a replacement character: bytes of a character the last token may still be completing
+    (it does not start one then), or bytes that stay invalid (shown as U+FFFD in the output, a character
+    like any other)."""
+    own = tok.decode([ids[-1]])
+    return bool(own) and not own.startswith("\ufffd") and tok.decode(list(ids)).startswith(before + own[0])
+
+
 @dataclass
 class _Segment:
     """Tokens that continue a role's context ``ids[:keep]``, and the text they add.
@@ -228,7 +237,9 @@ class _Track:
         offsets: list[int | None] = [0]
         for k in range(1, len(new_ids)):
             t = self.tok.decode([*anchor, *new_ids[:k]])
-            ok = full.startswith(t) and len(t) >= len(head) and not t.endswith("\ufffd")
+            ok = full.startswith(t) and len(t) >= len(head)
+            if ok and t.endswith("\ufffd"):
+                ok = _starts_after_replacement(self.tok, [*anchor, *new_ids[: k + 1]], t)
             offsets.append(len(t) - len(head) if ok else None)
         if new_ids:
             offsets.append(len(text))
@@ -402,7 +413,9 @@ class Nudging(Decoder):
         return self.params
 
     def shares_tokenizer(self, base: RoleContext, aligner: RoleContext) -> bool:
-        """Whether the two roles' tokenizers are the same (then the decoder works on token ids)."""
+        """Whether the two roles' tokenizers are the same (then the decoder works on token ids): the same
+        object or model, equal ``vocab_fingerprint`` attributes where both tokenizers have one (the server's
+        do), else equal ``get_vocab()`` results."""
         forced = self.p.shared_tokenizer
         if forced is not None:
             if forced and base.vocab_size != aligner.vocab_size:
@@ -415,6 +428,10 @@ class Nudging(Decoder):
             return True
         if base.vocab_size != aligner.vocab_size:
             return False
+        fa = getattr(base.tokenizer, "vocab_fingerprint", None)
+        fb = getattr(aligner.tokenizer, "vocab_fingerprint", None)
+        if fa is not None and fb is not None:
+            return bool(fa == fb)
         va, vb = getattr(base.tokenizer, "get_vocab", None), getattr(aligner.tokenizer, "get_vocab", None)
         return bool(callable(va) and callable(vb) and va() == vb())
 

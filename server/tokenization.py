@@ -9,6 +9,9 @@ tokens (Gemma's ``<bos>``, for example).
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +36,13 @@ class ModelTokenizer:
         self.eos_token_ids: frozenset[int] = frozenset(
             [self.hf.eos_token_id] if self.hf.eos_token_id is not None else []
         )
+
+    @functools.cached_property
+    def vocab_fingerprint(self) -> str:
+        """A digest of the vocabulary (every token's string and id): two models with equal fingerprints
+        write the same text with the same token ids, so decoders may share ids between them (nudging)."""
+        items = sorted(self.hf.get_vocab().items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
 
     @property
     def has_chat_template(self) -> bool:

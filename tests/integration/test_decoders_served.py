@@ -226,6 +226,45 @@ def test_args_reward_model_in_vllm_pooling_runner(openai_client: openai.OpenAI, 
     assert [t for s in trace["spans"] for t in s["token_ids"]] == expected
 
 
+@pytest.mark.parametrize("message", ["Tell me about Paris.", "Name three colours.", "Hello", "Count to ten."])
+def test_nudging_matches_reference(openai_client: openai.OpenAI, alignd_server: RunningServer,
+                                   hf: dict[str, Any], message: str) -> None:
+    """Greedy nudging of tiny-base by tiny-chat (one tokenizer, two files: the roles share token ids) writes
+    the reference's text, role by role. The random models write invalid UTF-8 now and then, so this also
+    pins down word starts after replacement characters and the aligner reading the base's own tokens."""
+    from tests.reference.nudging_reference import RefRole, nudging_reference
+    from tests.support.hf_runner import HFTokenizer, logits_fn
+
+    messages = [{"role": "user", "content": message}]
+    params = {"stop_on_repetition": False, "block_tokens": 6, "base_chunk_tokens": 3}
+    out = openai_client.chat.completions.create(
+        model="tiny-base", messages=messages, max_tokens=40, temperature=0,
+        extra_body={"alignment": {"decoder": "nudging", "roles": {"base": "tiny-base", "aligner": "tiny-chat"},
+                                  "params": params, "trace": True}},
+    )
+    served: list[tuple[str, str]] = []
+    for span in out.choices[0].model_extra["alignment_trace"]["spans"]:
+        if served and served[-1][0] == span["role"]:
+            served[-1] = (span["role"], served[-1][1] + span["text"])
+        elif span["text"]:
+            served.append((span["role"], span["text"]))
+
+    def prompt(model: str) -> list[int]:
+        r = httpx.post(alignd_server.base_url + "/tokenize", json={"model": model, "messages": messages})
+        return list(r.json()["tokens"])
+
+    tok, eos = HFTokenizer(hf["tokenizer"]), frozenset(_eos(hf))
+    base_prompt = prompt("tiny-base")
+    expected, reason = nudging_reference(
+        RefRole(logits_fn(hf["tiny-base"]), tok, base_prompt, eos),
+        RefRole(logits_fn(hf["tiny-chat"]), tok, prompt("tiny-chat"), eos),
+        block_tokens=6, max_tokens=40, shared=True, prompt_last_char=tok.decode(base_prompt)[-1:],
+    )
+    assert served == expected
+    assert out.choices[0].finish_reason == reason
+    assert {role for role, _ in expected} == {"base", "aligner"}  # hand-overs in both directions
+
+
 def test_nudging_on_a_shared_tokenizer(openai_client: openai.OpenAI, hf: dict[str, Any]) -> None:
     out = openai_client.chat.completions.create(
         model="tiny-nudging", messages=[{"role": "user", "content": "Tell me about Paris."}], max_tokens=24,

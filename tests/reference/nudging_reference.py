@@ -6,9 +6,10 @@ asked separately at every word start of the block (re-tokenizing the output plus
 the base then writes token by token, stopping before the first word-start token whose top-1 probability is
 below gamma. Nothing is batched or reused: the aligner's block is regenerated from scratch every round.
 
-Each role keeps its own token ids of the output. Text a role wrote itself is kept as its own tokens; text
-the other role wrote is appended by re-encoding the last few text tokens of the context together with the
-new text and keeping the longest unchanged prefix (the one rule the specification fixes for this).
+Each role keeps its own token ids of the output. Text a role wrote itself is kept as its own tokens; with
+one shared tokenizer (``shared``) so are the other role's tokens; otherwise text the other role wrote is
+appended by re-encoding the last few text tokens of the context together with the new text and keeping
+the longest unchanged prefix (the one rule the specification fixes for this).
 
 Models are ``LogProbFn`` (``ids -> full next-token log-distribution``, see :mod:`tests.reference.common`).
 """
@@ -73,11 +74,17 @@ def append_text(role: RefRole, ids: list[int], text: str, joiner: str = "") -> l
 
 
 def token_starts(role: RefRole, context: Sequence[int], ids: Sequence[int], text: str) -> list[int | None]:
-    """Where each of ``ids`` starts in ``text`` (the text they add after ``context``); None if unclear."""
+    """Where each of ``ids`` starts in ``text`` (the text they add after ``context``); None if unclear: the
+    text before it is not a prefix of ``text``, or ends in a replacement character (bytes of an unfinished
+    character) that the token's own text does not follow unchanged (it completes or continues it)."""
     out: list[int | None] = []
     for k in range(len(ids)):
         t = text_after(role, context, ids[:k]) if k else ""
-        out.append(len(t) if text.startswith(t) and not t.endswith("\ufffd") else None)
+        ok = text.startswith(t)
+        if ok and t.endswith("\ufffd"):
+            own = role.tokenizer.decode([ids[k]])
+            ok = own != "" and own[0] != "\ufffd" and text_after(role, context, ids[: k + 1]).startswith(t + own[0])
+        out.append(len(t) if ok else None)
     return out
 
 
@@ -187,7 +194,9 @@ def nudging_reference(
         first = min(first, end_j)
         if used + end_j - first >= max_tokens:
             idx = first + max_tokens - used
-            cut = starts[idx] - lead if idx < len(starts) and starts[idx] is not None else end_p
+            # the text of the tokens that fit: up to the last clear token start at or before the limit
+            known = [s for s in starts[: idx + 1] if s is not None]
+            cut = known[-1] - lead if idx < len(starts) and known else end_p
             write("aligner", block_text[: max(0, min(cut, end_p))])
             return out, "length"
         write("aligner", block_text[:end_p])
@@ -206,6 +215,7 @@ def nudging_reference(
         # the base writes, token by token
         first = True
         written = ""
+        written_ids: list[int] = []
         while True:
             if used >= max_tokens:
                 return out, "length"
@@ -214,7 +224,6 @@ def nudging_reference(
             top_p = math.exp(float(lp.max()))
             if t in base.eos:
                 if first or top_p >= gamma:
-                    al_ids = append_text(aligner, al_ids, written)
                     return out, "stop"
                 break
             piece = text_after(base, base_ids, [t])
@@ -223,10 +232,12 @@ def nudging_reference(
                 break
             write("base", piece)
             written += piece
+            written_ids.append(t)
             base_ids.append(t)
             used += 1
             first = False
-        al_ids = append_text(aligner, al_ids, written)
+        # one tokenizer: the aligner reads the base's tokens; else the base's text in its own tokens
+        al_ids = al_ids + written_ids if shared else append_text(aligner, al_ids, written)
 
 
-__all__ = ["RefRole", "append_text", "is_word_start", "nudging_reference", "text_after"]
+__all__ = ["RefRole", "append_text", "is_word_start", "nudging_reference", "text_after", "token_starts"]

@@ -537,3 +537,29 @@ def test_registry_params_and_shared_detection() -> None:
     ctx = context(base, TextWorld(CHARS, {}, {}))
     with pytest.raises(DecoderError):
         forced.shares_tokenizer(ctx.roles["base"], ctx.roles["aligner"])
+
+
+class ByteTokenizer:
+    """One byte per token id, decoded as UTF-8 with replacement characters (like byte-level BPE)."""
+
+    def encode(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return bytes(token_ids).decode(errors="replace")
+
+
+def test_token_starts_around_unfinished_and_invalid_characters() -> None:
+    """A byte that continues a character starts nothing; a token after bytes that stay invalid (U+FFFD in
+    the output) starts a character, so a space there is a word start. The decoder and the reference agree."""
+    from alignd.decoders.nudging import _Track
+    from tests.reference.nudging_reference import token_starts
+
+    tok = ByteTokenizer()
+    context = list(b"x:")
+    new = list(b"a\xe2\x82\xac \xff b")  # "a€ \ufffd b": the euro sign's three bytes, then an invalid byte
+    text, offsets = _Track(tok, list(context), frozenset()).decode_after(context, new)
+    assert text == "a€ \ufffd b"
+    assert offsets == [0, 1, None, None, 2, 3, 4, 5, 6]
+    ref = RefRole(lambda ids: torch.zeros(256), tok, context, frozenset())
+    assert token_starts(ref, context, new, text) == offsets[:-1]
