@@ -166,15 +166,6 @@ def is_word_start(prev_char: str, next_char: str) -> bool:
     return _is_space(prev_char) != _is_space(next_char)
 
 
-def _starts_after_replacement(tok: Tokenizer, ids: Sequence[int], before: str) -> bool:
-    """Whether the last of ``ids`` starts a character of its own after ``before``, the text of the others,
-    which ends in a replacement character: bytes of a character the last token may still be completing
-    (it does not start one then), or bytes that stay invalid (shown as U+FFFD in the output, a character
-    like any other)."""
-    own = tok.decode([ids[-1]])
-    return bool(own) and not own.startswith("\ufffd") and tok.decode(list(ids)).startswith(before + own[0])
-
-
 @dataclass
 class _Segment:
     """Tokens that continue a role's context ``ids[:keep]``, and the text they add.
@@ -235,11 +226,16 @@ class _Track:
             anchor, head, full = [], "", self.tok.decode(list(new_ids))
         text = full[len(head) :]
         offsets: list[int | None] = [0]
+        # prefixes[k]: the text of anchor + new_ids[:k + 1]
+        prefixes = [self.tok.decode([*anchor, *new_ids[: k + 1]]) for k in range(len(new_ids) - 1)] + [full]
         for k in range(1, len(new_ids)):
-            t = self.tok.decode([*anchor, *new_ids[:k]])
+            t = prefixes[k - 1]
             ok = full.startswith(t) and len(t) >= len(head)
             if ok and t.endswith("\ufffd"):
-                ok = _starts_after_replacement(self.tok, [*anchor, *new_ids[: k + 1]], t)
+                # bytes of a character token k may still be completing (it starts none then), or bytes
+                # that stay invalid (U+FFFD in the output, a character like any other, followed by its own)
+                own = self.tok.decode([new_ids[k]])
+                ok = own[:1] not in ("", "\ufffd") and prefixes[k].startswith(t + own[0])
             offsets.append(len(t) - len(head) if ok else None)
         if new_ids:
             offsets.append(len(text))
