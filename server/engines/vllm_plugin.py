@@ -50,17 +50,28 @@ sorts in full for every request of the step: 11 ms per step for three SmolLM2 ro
 67 ms for three of Gemma-3's 262k, against 0.3 and 1.3 ms for their top 10 (one core). The patch keeps
 the top-k for the requests that asked for it and gives the gathered ids to the requests that asked for
 those; the engine core's utility call ``alignd_token_id_logprobs`` tells the gateway it can ask.
+
+CPU attention without AMX
+-------------------------
+vLLM 0.32's CPU backend runs bf16 attention on its AMX kernel wherever the CPU has AMX tiles, and that
+kernel gives wrong answers: on a Xeon with AMX, vLLM alone (no alignd) decodes SmolLM2-135M-Instruct in
+bf16, greedy, and answers "What is the capital of France?" with "L'Étoile, la Marseillaise, la femme, …";
+with vLLM's vector attention kernel, in float32, or in transformers bf16 it answers "The capital of France is
+Paris." :func:`register_cpu_attention_without_amx` makes the backend choose its vector kernel where it would
+choose AMX (set ``ALIGND_CPU_ATTENTION_AMX=1`` to keep AMX). Other CPUs and GPUs are left alone.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import queue
 import time
 from collections.abc import Callable
 from typing import Any
 
 __all__ = [
+    "CPU_ATTENTION_AMX_ENV",
     "RETURN_WAIT_FRACTION",
     "RETURN_WAIT_MAX",
     "REWIND_KEY",
@@ -72,6 +83,7 @@ __all__ = [
     "merge_token_id_logprobs",
     "register",
     "register_chunk_prompt_logprobs",
+    "register_cpu_attention_without_amx",
     "register_session_rewind",
     "register_token_id_logprobs",
     "returning_sessions",
@@ -106,6 +118,37 @@ def register() -> None:
     register_step_groups()
     register_session_rewind()
     register_token_id_logprobs()
+    register_cpu_attention_without_amx()
+
+
+CPU_ATTENTION_AMX_ENV = "ALIGND_CPU_ATTENTION_AMX"
+"""Set to ``1`` to let vLLM's CPU backend keep its AMX attention kernel (see the module docstring)."""
+
+
+def register_cpu_attention_without_amx() -> None:
+    """Make vLLM's CPU attention use its vector kernel where it would choose its AMX kernel (see the module
+    docstring); on other platforms, or with :data:`CPU_ATTENTION_AMX_ENV` set to ``1``, nothing changes."""
+    if os.environ.get(CPU_ATTENTION_AMX_ENV) == "1":
+        return
+    try:
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cpu():
+            return
+        from vllm.v1.attention.backends import cpu_attn
+    except ImportError:
+        return
+    choose = getattr(cpu_attn, "_get_attn_isa", None)
+    if choose is None or getattr(choose, "_alignd_no_amx", False):
+        return
+
+    def attention_isa_without_amx(*args: Any, **kwargs: Any) -> str:
+        isa = choose(*args, **kwargs)
+        # "vec" takes the same block sizes (multiples of 32) that "amx" does
+        return "vec" if isa == "amx" else isa
+
+    attention_isa_without_amx._alignd_no_amx = True  # type: ignore[attr-defined]
+    cpu_attn._get_attn_isa = attention_isa_without_amx
 
 
 def register_chunk_prompt_logprobs() -> None:
