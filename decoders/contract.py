@@ -157,17 +157,11 @@ class StepView:
 
 @dataclass(frozen=True)
 class ViewOp:
-    """The view of ``role`` at the position after ``context`` (token ids in the role's vocabulary).
-
-    ``lane`` picks one of the role's sequences: each lane is a session of its own in the engine, so a decoder
-    can keep a role at two positions at once (nudging completes the aligner's block in lane 1 while lane 0
-    writes on); the lanes of one batch step together.
-    """
+    """The view of ``role`` at the position after ``context`` (token ids in the role's vocabulary)."""
 
     role: str
     context: tuple[int, ...]
     want: ViewSpec
-    lane: int = 0
 
 
 @dataclass(frozen=True)

@@ -150,14 +150,6 @@ class NudgingParams(DecoderParams):
         "the answer (the reference's rule); false: the aligner stops writing at the hand-over (faster; the "
         "base may then write past where the aligner would have ended)",
     )
-    end_check_lanes: int = Field(
-        2,
-        ge=0,
-        le=4,
-        description="greedy, with the end lookahead: how many of the aligner's blocks may be completed in "
-        "sequences of their own while decoding goes on (the output is held back until each shows no end; the "
-        "same tokens); 0: complete each block before the base takes over",
-    )
 
 
 def _is_space(ch: str) -> bool:
@@ -207,10 +199,6 @@ class _Track:
     ids: list[int]
     eos: frozenset[int]
     _special: dict[int, bool] = field(default_factory=dict)
-
-    def copy(self) -> _Track:
-        """A track with its own copy of the context."""
-        return _Track(self.tok, list(self.ids), self.eos, self._special)
 
     def _is_special(self, t: int) -> bool:
         s = self._special.get(t)
@@ -328,55 +316,6 @@ class _EarlyChunk:
         return GeneratedBlock(token_ids=c.token_ids[:n], views=c.views[:n], finished=False)
 
 
-@dataclass
-class _Snapshot:
-    """A round's state where the base took over before the aligner's block was complete: what a round
-    restarted there (:meth:`_Run.rounds` with a :class:`_Resume`) starts from."""
-
-    base: _Track
-    al: _Track
-    pending: list[int]
-    out: _Writer
-    history: list[str]
-    reason: str
-    rejected: dict[int, str]
-    probed: dict[tuple[int, ...], StepView]
-
-
-@dataclass
-class _Resume:
-    """A round restarted from a :class:`_Snapshot` with the aligner's complete block."""
-
-    ended: bool
-    rejected: dict[int, str]
-    probed: dict[tuple[int, ...], StepView]
-
-
-@dataclass
-class _Tail:
-    """The aligner's block completed in a lane of its own while decoding goes on from the take-over.
-
-    ``mark`` counts the emits before the round's output; ``expect`` is the state where the round handed the
-    base its turn (or ended), and ``expect_emits`` the emits up to there: the round restarted with the
-    complete block must reach the same, else decoding restarts there."""
-
-    gen: Generator[list[EngineOp], Any, tuple[list[int], bool]]
-    lane: int
-    snapshot: _Snapshot
-    mark: int
-    asked: list[EngineOp] | None = None
-    result: tuple[list[int], bool] | None = None
-    expect: tuple[Any, ...] | None = None
-    expect_emits: int = 0
-
-    def advance(self, got: Any) -> None:
-        """Send the results of the operations it asked for (``None``: start it)."""
-        try:
-            self.asked = self.gen.send(got)
-        except StopIteration as stop:
-            self.asked, self.result = None, stop.value
-
-
 class _Writer:
     """Collects decided pieces; releases them as :class:`Emit` events once no stop string can start in
     them, cuts the output at a stop string or at ``max_tokens`` base tokens."""
@@ -389,18 +328,6 @@ class _Writer:
         self.num_tokens = 0
         self.finish: Finish | None = None
         self._queue: list[tuple[_Piece, int]] = []  # pieces not yet released, with their start offsets
-
-    def copy(self) -> _Writer:
-        """A writer in this one's state, changed apart from it."""
-        other = _Writer(self.stops, self.max_tokens)
-        other.text, other.num_tokens, other.finish = self.text, self.num_tokens, self.finish
-        other._queue = list(self._queue)
-        return other
-
-    def state(self) -> tuple[Any, ...]:
-        """What the writer holds, for comparing two writers."""
-        held = tuple((p.role, p.reason, p.text, tuple(p.ids), tuple(p.offsets), at) for p, at in self._queue)
-        return self.text, self.num_tokens, self.finish, held
 
     @property
     def room(self) -> int:
@@ -583,12 +510,6 @@ class _Run:
         self.pending: list[int] = []  # aligner tokens after its context, proposed but not yet output
         prompt_tail = b.prompt_text or self.base.tok.decode(self.base.anchor(b.prompt_ids))
         self.prompt_last_char = prompt_tail[-1:]
-        self.history: list[str] = []  # the aligner's words of each round
-        self.reason = "nudged: the aligner opens the answer"  # why the aligner writes the next round
-        self.lane = 0  # the aligner's lane that writes on (the others complete blocks: ``tails``)
-        self.tails: list[_Tail] = []  # oldest first
-        self.held: list[Emit] = []  # emits held back until the tails before them show no end
-        self.emitted = 0  # emits of the rounds so far (released and held)
 
     @property
     def greedy(self) -> bool:
@@ -626,157 +547,9 @@ class _Run:
         return self.out.finish
 
     def run(self) -> DecoderRun:
-        """The rounds (:meth:`rounds`), with the aligner's blocks completed aside (:class:`_Tail`): their
-        operations join the rounds' batches, the rounds' output is held back until each shows that the
-        round went as the complete block decides, and decoding restarts at the first round that did not."""
-        main = self.rounds()
-        send: Any = None
-        while True:
-            try:
-                item = main.send(send)
-            except StopIteration as stop:
-                finish = stop.value
-                if self.tails and self.tails[-1].expect is None:
-                    self.tails[-1].expect, self.tails[-1].expect_emits = self.outcome(finish), self.emitted
-                restart = yield from self.settle(wait=True)
-                if restart is None:
-                    yield from self.release(self.emitted)
-                    return finish
-                main, send = restart, None
-                continue
-            if isinstance(item, Emit):
-                self.emitted += 1
-                if self.tails:
-                    self.held.append(item)
-                else:
-                    yield item
-                send = None
-                continue
-            ops = list(item)
-            aside = [op for t in self.tails for op in t.asked or ()]
-            got = (yield ops + aside) if ops or aside else []
-            send = got[: len(ops)]
-            at = len(ops)
-            for t in self.tails:
-                if t.asked:
-                    n = len(t.asked)
-                    t.advance(got[at : at + n])
-                    at += n
-            restart = yield from self.settle(wait=False)
-            if restart is not None:
-                main.close()
-                main, send = restart, None
-
-    def settle(self, wait: bool) -> Generator[list[EngineOp] | Emit, Any, DecoderRun | None]:
-        """Check the tails that are done, oldest first (all of them, running them to their end, when
-        ``wait``): release the output a tail confirms; at the first that does not, drop what came after it
-        and return the rounds restarted there."""
-        while self.tails:
-            t = self.tails[0]
-            if t.result is None:
-                if not wait:
-                    return None
-                batch = [op for u in self.tails for op in u.asked or ()]
-                got = yield batch
-                at = 0
-                for u in self.tails:
-                    if u.asked:
-                        n = len(u.asked)
-                        u.advance(got[at : at + n])
-                        at += n
-                continue
-            self.tails.pop(0)
-            if self.confirms(t):
-                yield from self.release(self.tails[0].mark if self.tails else self.emitted)
-                continue
-            yield from self.release(t.mark)
-            for u in self.tails:
-                u.gen.close()
-            self.tails, self.held, self.emitted = [], [], t.mark
-            ids, ended = t.result
-            self.restore(t.snapshot)
-            self.pending = list(ids)
-            return self.rounds(_Resume(ended, dict(t.snapshot.rejected), dict(t.snapshot.probed)))
-        return None
-
-    def release(self, upto: int) -> Generator[Emit, Any, None]:
-        """Yield the held emits before the ``upto``-th emit of the rounds."""
-        n = len(self.held) - (self.emitted - upto)
-        out, self.held = self.held[:n], self.held[n:]
-        yield from out
-
-    def snapshot(self, rejected: dict[int, str], probed: dict[tuple[int, ...], StepView]) -> _Snapshot:
-        """The round's state now (copies)."""
-        return _Snapshot(self.base.copy(), self.al.copy(), list(self.pending), self.out.copy(),
-                         list(self.history), self.reason, dict(rejected), dict(probed))
-
-    def restore(self, snap: _Snapshot) -> None:
-        """Make ``snap`` the state again (copies, so that it can be restored again)."""
-        self.base, self.al, self.pending, self.out = snap.base.copy(), snap.al.copy(), list(snap.pending), snap.out.copy()
-        self.history, self.reason = list(snap.history), snap.reason
-
-    def outcome(self, finish: Finish | None = None) -> tuple[Any, ...]:
-        """What a round decided, where the base takes its turn or decoding ends (``finish``): the roles'
-        contexts, the output and the aligner's words so far (not its pending tokens: a complete block has more
-        of them than a partial one, and greedy tokens do not depend on which it reused)."""
-        return tuple(self.base.ids), tuple(self.al.ids), self.out.state(), tuple(self.history), finish
-
-    def confirms(self, t: _Tail) -> bool:
-        """Whether the round of ``t``, restarted with the complete block, goes as it went: it reaches the same
-        outcome with the same emits, without asking an engine anything more."""
-        assert t.result is not None
-        ids, ended = t.result
-        if ended:
-            return False
-        saved = (self.base, self.al, self.pending, self.out, self.history, self.reason, self.tails)
-        try:
-            self.restore(t.snapshot)
-            self.pending, self.tails = list(ids), []
-            dry = self.rounds(_Resume(False, dict(t.snapshot.rejected), dict(t.snapshot.probed)), dry=True)
-            emits: list[Emit] = []
-            try:
-                while isinstance(item := next(dry), Emit):
-                    emits.append(item)
-                dry.close()
-                return False  # it needs an engine: the decision moved
-            except StopIteration as stop:
-                finish = stop.value
-            got = self.outcome(finish if isinstance(finish, Finish) else None)
-        finally:
-            self.base, self.al, self.pending, self.out, self.history, self.reason, self.tails = saved
-        start = len(self.held) - (self.emitted - t.mark)
-        return got == t.expect and emits == self.held[start : start + t.expect_emits - t.mark]
-
-    def complete_aside(self, rejected: dict[int, str], probed: dict[tuple[int, ...], StepView]) -> _Tail:
-        """Start completing the aligner's block in the lane that holds it; the rounds write on in a free
-        lane."""
-        lane = self.lane
-        free = set(range(self.p.end_check_lanes + 1)) - {t.lane for t in self.tails} - {lane}
-        self.lane = min(free)
-        tail = _Tail(self.aligner_completes(tuple(self.al.ids), self.pending, lane),
-                     lane, self.snapshot(rejected, probed), self.emitted)
-        tail.advance(None)
-        self.tails.append(tail)
-        return tail
-
-    def aligner_completes(
-        self, context: tuple[int, ...], pending: list[int], lane: int
-    ) -> Generator[list[EngineOp], Any, tuple[list[int], bool]]:
-        """The greedy block after ``context`` grown from ``pending`` until it is full or the aligner ends;
-        returns it and whether the aligner ended."""
-        block = list(pending)
-        while len(block) < self.p.block_tokens:
-            (view,) = yield [ViewOp("aligner", (*context, *block), ViewSpec(top_k=1), lane)]
-            token = view.top()[0]
-            if token in self.al.eos:
-                return block, True
-            block.append(token)
-        return block, False
-
-    def rounds(self, resume: _Resume | None = None, dry: bool = False) -> DecoderRun:
-        """The rounds: aligner block, base probe over it, base writing. ``resume`` restarts a round (the state
-        restored, the complete block pending) with what it had decided so far; ``dry`` returns where the
-        base's turn would start."""
+        """The rounds: aligner block, base probe over it, base writing."""
+        reason = "nudged: the aligner opens the answer"
+        history: list[str] = []
         while True:
             # 1-2. the aligner's block, grown until the base takes over at one of its word starts, the block
             # is full or the aligner ends; the base is asked at each word start as soon as it is known
@@ -786,9 +559,6 @@ class _Run:
             lookahead = self.p.aligner_end_lookahead
             probed: dict[tuple[int, ...], StepView] = {}  # the base's views at this round's word starts
             early: _EarlyChunk | None = None
-            tail: _Tail | None = None
-            if resume is not None:
-                ended, rejected, probed, resume = resume.ended, resume.rejected, resume.probed, None
             while True:
                 full = ended or len(self.pending) >= self.p.block_tokens
                 block, bseg, candidates = self.block_in_base()
@@ -816,17 +586,6 @@ class _Run:
                     ended = grown[1]
                 if full or (takeover is not None and not lookahead):
                     break
-                if takeover is not None and self.greedy and not ended and self.p.end_check_lanes:
-                    # the aligner completes its block in its lane while the rounds go on as decided; the tail
-                    # shows later whether the complete block decides the same (no end inside it)
-                    if len(self.tails) < self.p.end_check_lanes:
-                        tail = self.complete_aside(rejected, probed)
-                        break
-                    # no lane free: the block grows here (the tails step on beside it), and is decided again
-                    takeover = None
-                    new, ended = yield from self.aligner_writes()
-                    self.pending = self.pending + new
-                    continue
                 if takeover is not None:
                     # decided again on the complete block: an end inside it ends the answer (the base's view
                     # at the take-over is kept in ``probed``). Greedy: while the aligner completes its block,
@@ -853,7 +612,7 @@ class _Run:
             probes = [(rel, k, rejected[rel]) for rel, k in candidates if rel in rejected]
 
             # the aligner's words: up to the take-over, else up to its last word start, else all of it
-            next_reason = self.reason
+            next_reason = reason
             if takeover is not None:
                 end_rel, end_k = takeover[0], takeover[1]
             elif ended or not candidates:
@@ -869,8 +628,8 @@ class _Run:
                 end_rel, end_k, next_reason = probes[at]
                 del probes[at:]
             nudge_text = block.text[:end_rel]
-            self.history.append(nudge_text)
-            recent = self.history[-(self.p.max_repeated_nudges + 1) :]
+            history.append(nudge_text)
+            recent = history[-(self.p.max_repeated_nudges + 1) :]
             if (
                 self.p.stop_on_repetition
                 and len(recent) > self.p.max_repeated_nudges
@@ -883,7 +642,7 @@ class _Run:
                 (k for k in range(len(bseg.ids)) if (o := bseg.offsets[k + 1]) is None or o > bseg.lead),
                 0,
             )
-            bounds = [(0, min(k_first, end_k), self.reason), *probes, (end_rel, end_k, "")]
+            bounds = [(0, min(k_first, end_k), reason), *probes, (end_rel, end_k, "")]
             for (r0, k0, why), (r1, k1, _) in itertools.pairwise(bounds):
                 offs = [None if o is None else max(0, o - bseg.lead - r0) for o in bseg.offsets[k0 : k1 + 1]]
                 yield from self.out.add(_Piece("aligner", why, block.text[r0:r1], bseg.ids[k0:k1], offs))
@@ -901,20 +660,14 @@ class _Run:
             if ended and takeover is None:
                 return (yield from self.end("stop"))
             if takeover is None:
-                if dry:
-                    return None
-                self.reason = next_reason
+                reason = next_reason
                 continue
-            if dry:
-                return None
-            if tail is not None:
-                tail.expect, tail.expect_emits = self.outcome(), self.emitted
 
             # 3. the base writes until it is unsure at a word start
             result = yield from self.base_writes(takeover[2], early)
             if isinstance(result, Finish):
                 return result
-            self.reason = result
+            reason = result
 
     def block_in_base(self) -> tuple[_Segment, _Segment, list[tuple[int, int]]]:
         """The aligner's pending block, the same text in the base's tokens, and the block's decision
@@ -986,7 +739,7 @@ class _Run:
         and whether the aligner ended."""
         context = (*self.al.ids, *self.pending)
         if self.greedy:
-            (view,) = yield [ViewOp("aligner", context, ViewSpec(top_k=1), self.lane)]
+            (view,) = yield [ViewOp("aligner", context, ViewSpec(top_k=1))]
             token = view.top()[0]
             return ([], True) if token in self.al.eos else ([token], False)
         op = GenerateOp(

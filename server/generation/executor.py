@@ -7,7 +7,7 @@ The order of one decoder step, as it runs here:
    a list of engine operations;
 3. the operations run concurrently (``asyncio.gather``; those of one role one after another, in order, since
    a session is one sequence in the engine): every :class:`ViewOp` goes to the open session of
-   its role and lane (vLLM streaming input: the KV cache stays, only new tokens are sent), and so do
+   its role (vLLM streaming input: the KV cache stays, only new tokens are sent), and so do
    :class:`GenerateOp` and :class:`ScoreOp` where the session can run them (a greedy block written natively,
    a block scored as one appended chunk), else they become native vLLM requests; :class:`RewardOp` becomes a
    pooling request; operations of all live requests meet in vLLM's scheduler, which batches them. The
@@ -47,8 +47,7 @@ _PREFETCH_TOP_K = 128
 
 
 class DecoderExecutor:
-    """Executes one decoder run: role name -> engine, with one open session per role (and per lane of a
-    role, for the :class:`ViewOp` lanes a decoder uses beside lane 0).
+    """Executes one decoder run: role name -> engine, with one open session per role.
 
     ``on_op(role, kind, steps)`` hears of every operation run: its kind (``ViewOp``, ``GenerateOp/session``
     for a block written inside the session, ...) and the forward steps it asked of the engine (a view, a
@@ -64,29 +63,27 @@ class DecoderExecutor:
     ) -> None:
         self.engines = engines
         self.request_id = request_id
-        self._sessions: dict[str, Session] = {}  # lane 0 of each role
-        self._lanes: dict[tuple[str, int], Session] = {}  # the other lanes
+        self._sessions: dict[str, Session] = {}
         self._prefetch: dict[str, tuple[tuple[int, ...], asyncio.Task[Any]]] = {}
         self._format_reward_pair = format_reward_pair or (lambda _role, p, r: p + r)
         self._on_op = on_op
         self._groups = 0
-        self._role_locks: dict[tuple[str, int], asyncio.Lock] = {}
+        self._role_locks: dict[str, asyncio.Lock] = {}
 
     async def _run_op(self, op: EngineOp) -> Any:
         if not isinstance(op, (ViewOp, GenerateOp, ScoreOp)):
             return await self._run_role_op(op)
         # A batch may ask one role at several positions (a speculative block's refinements): its session
         # takes them one at a time, as a session moving to one position must not be moved by another.
-        key = (op.role, op.lane if isinstance(op, ViewOp) else 0)
-        lock = self._role_locks.get(key)
+        lock = self._role_locks.get(op.role)
         if lock is None:
-            lock = self._role_locks[key] = asyncio.Lock()
+            lock = self._role_locks[op.role] = asyncio.Lock()
         async with lock:
             return await self._run_role_op(op)
 
     async def _run_role_op(self, op: EngineOp) -> Any:
         engine = self.engines[op.role]
-        if isinstance(op, (ViewOp, GenerateOp, ScoreOp)) and not (isinstance(op, ViewOp) and op.lane):
+        if isinstance(op, (ViewOp, GenerateOp, ScoreOp)):
             pre = self._prefetch.pop(op.role, None)
             if pre is not None:
                 # a failed prefetch is not this op's failure: the session asks again and reports its own
@@ -94,7 +91,7 @@ class DecoderExecutor:
         result: Any = None
         in_session = True
         if isinstance(op, ViewOp):
-            result = await self._session(op.role, op.lane).view(op.context, op.want)
+            result = await self._session(op.role).view(op.context, op.want)
         elif isinstance(op, GenerateOp):
             result = await self._session(op.role).generate(op)
             if result is None:
@@ -115,13 +112,7 @@ class DecoderExecutor:
             self._on_op(op.role, f"{kind}/session" if in_session and not isinstance(op, ViewOp) else kind, steps)
         return result
 
-    def _session(self, role: str, lane: int = 0) -> Session:
-        if lane:
-            session = self._lanes.get((role, lane))
-            if session is None:
-                session = self.engines[role].open_session(f"{self.request_id}-{role}-{lane}")
-                self._lanes[(role, lane)] = session
-            return session
+    def _session(self, role: str) -> Session:
         session = self._sessions.get(role)
         if session is None:
             session = self._sessions[role] = self.engines[role].open_session(f"{self.request_id}-{role}")
@@ -132,12 +123,9 @@ class DecoderExecutor:
         those a prefetch already answers, and the prefetches just started) that they belong together, so
         the engine computes them in one step."""
         by_engine: dict[int, dict[int, Session]] = {}
-        for op in ops:
-            lane = op.lane if isinstance(op, ViewOp) else 0
-            if not isinstance(op, (ViewOp, ScoreOp)) or (op.role in self._prefetch and not lane):
-                continue
-            session = self._session(op.role, lane)
-            by_engine.setdefault(id(self.engines[op.role]), {})[id(session)] = session
+        for role in [op.role for op in ops if isinstance(op, (ViewOp, ScoreOp)) and op.role not in self._prefetch]:
+            session = self._session(role)
+            by_engine.setdefault(id(self.engines[role]), {})[id(session)] = session
         for role in prefetched:
             by_engine.setdefault(id(self.engines[role]), {})[id(self._sessions[role])] = self._sessions[role]
         for members in by_engine.values():
@@ -150,7 +138,7 @@ class DecoderExecutor:
 
     def _start_prefetch(self, ops: list[EngineOp]) -> list[str]:
         """Advance idle sessions that stand where the batch's roles stand by the batch's new tokens."""
-        if not ops or not all(isinstance(op, ViewOp) and not op.lane for op in ops):
+        if not ops or not all(isinstance(op, ViewOp) for op in ops):
             return []
         deltas: set[tuple[int, ...]] = set()
         positions: set[tuple[int, tuple[int, ...]]] = set()
@@ -207,7 +195,6 @@ class DecoderExecutor:
                 task.cancel()
             await asyncio.gather(*(t for _, t in self._prefetch.values()), return_exceptions=True)
             self._prefetch.clear()
-            sessions = [*self._sessions.values(), *self._lanes.values()]
-            self._sessions, self._lanes = {}, {}
-            for session in sessions:
+            sessions, self._sessions = self._sessions, {}
+            for session in sessions.values():
                 await session.close()

@@ -334,13 +334,13 @@ def test_engine_calls_are_few() -> None:
 
 
 def test_roles_step_side_by_side_with_the_end_lookahead() -> None:
-    """Greedy, with the end lookahead and no lane to complete blocks in: the aligner's block grows whatever
-    the base says, so its next token is computed in the same batch as a probe of the base, and the base
-    writes its first chunk after a take-over in the same batches as the aligner completes its block (the
-    output is the reference's: test_matches_reference)."""
+    """Greedy, with the end lookahead: the aligner's block grows whatever the base says, so its next token
+    is computed in the same batch as a probe of the base, and the base writes its first chunk after a
+    take-over in the same batches as the aligner completes its block (the output is the reference's:
+    test_matches_reference)."""
     for seed in (2, 4):
-        result = run({"stop_on_repetition": False, "end_check_lanes": 0}, random_world(LEADING, seed),
-                     random_world(CHARS, seed), max_tokens=60)
+        result = run({"stop_on_repetition": False}, random_world(LEADING, seed), random_world(CHARS, seed),
+                     max_tokens=60)
         pairs = [b for b in result.batches if len(b) > 1]
         assert all(sorted(op.role for op in b) == ["aligner", "base"] for b in pairs)
         base_turns = sum(1 for role, _ in merged(result) if role == "base")
@@ -357,7 +357,7 @@ def test_chunk_written_early_is_dropped_when_the_aligner_ends() -> None:
     is the answer, and the base's early chunk stops with the aligner's end and is not output."""
     aligner = TextWorld(LEADING, {"<s>": "sure", "sure": "the", "the": "cat", "cat": "sat", "sat": None}, {})
     base = TextWorld(LEADING, {"<s>": "so", "sure": "the", "the": "cat", "cat": "sat", "sat": "on"}, {})
-    result = run({"block_tokens": 6, "end_check_lanes": 0}, base, aligner)
+    result = run({"block_tokens": 6}, base, aligner)
     assert merged(result) == [("aligner", " sure the cat sat")] and result.finish.reason == "stop"
     # the probe at " the", then the chunk from there (its first view is the probe's again), one token each
     # time the aligner writes one; the aligner's end stops it
@@ -365,43 +365,6 @@ def test_chunk_written_early_is_dropped_when_the_aligner_ends() -> None:
     assert [s.removeprefix("q: a:") for s in base_steps] == [" sure", " sure", " sure the"]
     ref, reason = nudging_reference(
         base.ref_role(), aligner.ref_role(), block_tokens=6, max_tokens=40, prompt_last_char=":", shared=True
-    )
-    assert ref == merged(result) and reason == result.finish.reason
-
-
-def test_blocks_complete_aside_and_output_waits_for_them() -> None:
-    """Greedy, with the end lookahead: after a take-over the aligner completes its block in a lane of its
-    own, in the same batches as the base writes on, and the output is what completing it first gives."""
-    aside = 0
-    for seed in range(6):
-        base, aligner = random_world(LEADING, seed), random_world(CHARS, seed)
-        params = {"stop_on_repetition": False, "block_tokens": 8}
-        result = run(params, base, aligner, max_tokens=60)
-        before = run({**params, "end_check_lanes": 0}, base, aligner, max_tokens=60)
-        assert merged(result) == merged(before) and result.finish == before.finish
-        assert [e.token_ids for e in result.emits if e.token_ids] == [e.token_ids for e in before.emits if e.token_ids]
-        for batch in result.batches:
-            lanes = {op.lane for op in batch if op.role == "aligner"}
-            aside += len(lanes) > 1 or (bool(lanes - {0}) and any(op.role == "base" for op in batch))
-    assert aside > 10
-
-
-def test_an_end_in_a_block_completed_aside_undoes_what_followed() -> None:
-    """The base takes over at " the", writes it and hands back (unsure of " dog"), and the next round's
-    aligner writes on in another lane while the first completes its block; that block ends after " cat sat
-    on a mat", so it is the answer and nothing written after the take-over is output."""
-    chain = {"<s>": "sure", "sure": "the", "the": "cat", "cat": "sat", "sat": "on", "on": "a", "a": "mat",
-             "mat": None}
-    aligner = TextWorld(LEADING, chain, {})
-    base = TextWorld(LEADING, {"<s>": "so", "sure": "the", "the": "dog", "dog": "ran", "ran": "on"},
-                     {"sure": 0.9, "the": 0.15})
-    result = run({"block_tokens": 8}, base, aligner)
-    assert merged(result) == [("aligner", " sure the cat sat on a mat")] and result.finish.reason == "stop"
-    base_steps = [LEADING.decode(op.context).removeprefix("q: a:") for op in result.ops_of(ViewOp) if op.role == "base"]
-    assert " sure the" in base_steps  # the base wrote " the" from the take-over and was asked on
-    assert {op.lane for op in result.ops_of(ViewOp) if op.role == "aligner"} == {0, 1}
-    ref, reason = nudging_reference(
-        base.ref_role(), aligner.ref_role(), block_tokens=8, max_tokens=40, prompt_last_char=":", shared=True
     )
     assert ref == merged(result) and reason == result.finish.reason
 
@@ -418,8 +381,8 @@ PAIRS = {
 
 @pytest.mark.parametrize("pair", list(PAIRS))
 @pytest.mark.parametrize("gamma", [0.25, 0.5, 0.8])
-@pytest.mark.parametrize(("lookahead", "lanes"), [(True, 2), (True, 1), (True, 0), (False, 2)])
-def test_matches_reference(pair: str, gamma: float, lookahead: bool, lanes: int) -> None:
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_matches_reference(pair: str, gamma: float, lookahead: bool) -> None:
     base_tok, al_tok = PAIRS[pair]
     for seed in range(4):
         base = random_world(base_tok, 10 * seed + 1)
@@ -430,7 +393,6 @@ def test_matches_reference(pair: str, gamma: float, lookahead: bool, lanes: int)
             "block_tokens": 6 + seed,
             "base_chunk_tokens": 3 + seed,
             "aligner_end_lookahead": lookahead,
-            "end_check_lanes": lanes,
         }
         result = run(params, base, aligner, max_tokens=30)
         shared = base_tok is al_tok

@@ -118,29 +118,3 @@ async def test_a_role_asked_at_several_positions_in_one_batch_is_asked_in_order(
     assert isinstance(events[-1], Finish)
     assert len(results) == 4
     assert [s.contexts for s in engine.opened] == [asked]
-
-
-async def test_lanes_of_a_role_are_sessions_of_their_own_stepped_together() -> None:
-    """A decoder may keep a role at two positions at once through lanes (nudging completes the aligner's block
-    in one while another writes on): each lane is a session of its own, the lanes of one batch run at the
-    same time and step together, and every lane's session is closed at the end."""
-    engine = OneAtATimeEngine("m")
-    await engine.start()
-    want = ViewSpec(top_k=2)
-
-    def run() -> Generator[Any, Any, Finish]:
-        yield [ViewOp("a", (1, 2), want), ViewOp("a", (1, 3), want, lane=1)]
-        yield [ViewOp("a", (1, 2, 5), want), ViewOp("a", (1, 3, 6), want, lane=1)]
-        yield [ViewOp("a", (1, 3, 6, 7), want, lane=1)]
-        return Finish("stop")
-
-    executor = DecoderExecutor({"a": engine}, "req")
-    events = [e async for e in executor.run(run())]
-    assert isinstance(events[-1], Finish)
-    lane0, lane1 = engine.opened
-    assert lane0.contexts == [(1, 2), (1, 2, 5)]
-    assert lane1.contexts == [(1, 3), (1, 3, 6), (1, 3, 6, 7)]
-    # the first two batches stepped both lanes as one group; the last had one view
-    assert [g[1] for g in lane0.groups] == [2, 2] and [g[1] for g in lane1.groups] == [2, 2]
-    assert [g[0] for g in lane0.groups] == [g[0] for g in lane1.groups]
-    assert lane0.closed and lane1.closed

@@ -30,8 +30,8 @@ async def test_sessions_of_one_engine_stepped_together_share_a_group() -> None:
     executor = DecoderExecutor({"expert": shared, "amateur": shared, "other": alone}, "req")
     original = executor._session
 
-    def session(role: str, lane: int = 0) -> Any:
-        s = original(role, lane)
+    def session(role: str) -> Any:
+        s = original(role)
         opened[role] = s
         return s
 
@@ -116,8 +116,8 @@ async def test_scored_chunks_of_one_engine_share_a_group() -> None:
     executor = DecoderExecutor({"expert": shared, "amateur": shared}, "req")
     original = executor._session
 
-    def session(role: str, lane: int = 0) -> Any:
-        opened[role] = s = original(role, lane)
+    def session(role: str) -> Any:
+        opened[role] = s = original(role)
         return s
 
     executor._session = session  # type: ignore[method-assign]
