@@ -174,7 +174,8 @@ class Nudging(_Builder):
     accepted as ``threshold=``); below it, ``aligner`` proposes the next words (``block_tokens`` per
     round). Works across tokenizers (``shared_tokenizer=None`` detects a shared one). The output stops
     early when it starts repeating itself (``stop_on_repetition``, ``repetition_min_words``,
-    ``max_repeated_nudges``).
+    ``max_repeated_nudges``). ``aligner_end_lookahead`` completes the aligner's block before the base
+    takes over, so that an end inside it ends the answer (false: faster, the base may write on).
     """
 
     decoder: ClassVar[str] = "nudging"
@@ -189,6 +190,7 @@ class Nudging(_Builder):
     stop_on_repetition: bool = True
     repetition_min_words: int = 6
     max_repeated_nudges: int = 3
+    aligner_end_lookahead: bool = True
 
 
 class ARGS(_Builder):
