@@ -62,15 +62,17 @@ async def _interleaved(config: dict[str, Any], name: str, suite_name: str, workd
             messages = [{"role": "user", "content": instruction}]
             return await load.chat(client, model, messages, max_tokens, trace=True)
 
+        def order(r: int) -> tuple[str, str]:  # alternating, so neither always runs first
+            return (name, VARIANT) if r % 2 == 0 else (VARIANT, name)
+
         for model in (name, VARIANT):  # start-up costs out of the measurement
             await one(model, "Say hello.")
         single: dict[str, list[float]] = {name: [], VARIANT: []}
         same = asked = 0
         for r in range(repeats):
-            order = (name, VARIANT) if r % 2 == 0 else (VARIANT, name)
             for instruction in INSTRUCTIONS[:prompts]:
                 ids = {}
-                for model in order:
+                for model in order(r):
                     res = await one(model, instruction)
                     single[model].append(res.seconds)
                     ids[model] = res.token_ids
@@ -78,10 +80,10 @@ async def _interleaved(config: dict[str, Any], name: str, suite_name: str, workd
                 asked += 1
         eight: dict[str, list[float]] = {name: [], VARIANT: []}
         for r in range(repeats):
-            for model in (name, VARIANT) if r % 2 == 0 else (VARIANT, name):
-                t0 = time.perf_counter()
-                await asyncio.gather(*(one(model, INSTRUCTIONS[i % len(INSTRUCTIONS)]) for i in range(8)))
-                eight[model].append(time.perf_counter() - t0)
+            for model in order(r):
+                jobs = [lambda m=model, i=i: one(m, INSTRUCTIONS[i % len(INSTRUCTIONS)]) for i in range(8)]
+                wall, _ = await load.run_all(jobs, len(jobs))
+                eight[model].append(wall)
     finally:
         stop(server)
     return {
