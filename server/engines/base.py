@@ -183,6 +183,8 @@ class Engine(ABC):
     info: ModelInfo
     rewinds: int = 0
     """Sessions rewound in place so far (by engines whose sessions can go back without a new request)."""
+    starts_alone: bool = False
+    """Whether the engine must start while no other engine of the server starts (one after another)."""
 
     @abstractmethod
     async def start(self) -> None:

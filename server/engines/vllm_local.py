@@ -31,7 +31,7 @@ from alignd.server.engines.base import (
     derive_view,
 )
 from alignd.server.engines.cpu_binding import BIND_ENV, omp_bind_value
-from alignd.server.engines.vllm_plugin import REWIND_KEY, STEP_GROUP_KEY, can_rewind
+from alignd.server.engines.vllm_plugin import OMP_BIND_KEY, REWIND_KEY, STEP_GROUP_KEY, can_rewind
 from alignd.server.settings import ModelSettings
 
 __all__ = ["LocalVLLMEngine", "on_cpu"]
@@ -488,6 +488,25 @@ class _LocalSession(Session):
             self._queue = asyncio.Queue()
 
 
+async def _build_async_llm(args: Any) -> Any:
+    """vLLM's ``AsyncLLM`` for ``args``, built in a thread.
+
+    Its own coroutine, so that nothing but the engine refers to the built engine: a frame that outlives its
+    call (an exception kept by some library refers to the frames it came through) would otherwise keep it
+    until interpreter exit, where its ``__del__`` fails on the torn-down modules."""
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
+    try:
+        return await asyncio.shield(building)
+    except asyncio.CancelledError:
+        # Shut down while loading: the engine core is a separate process, so an engine that finishes
+        # building after the cancellation must still be stopped or it outlives the server.
+        llm = await building
+        await asyncio.to_thread(llm.shutdown)
+        raise
+
+
 class LocalVLLMEngine(Engine):
     """One hosted model in an in-process vLLM ``AsyncLLM``."""
 
@@ -511,7 +530,8 @@ class LocalVLLMEngine(Engine):
         """Whether views of chosen token ids ask for those ids (alignd's vLLM plugin) instead of whole rows."""
 
     def engine_args(self) -> Any:
-        """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map."""
+        """vLLM's engine arguments for this model: alignd's defaults, then the config's `vllm:` map, and the
+        model's CPU cores (:meth:`omp_bind`) for alignd's plugin in ``additional_config``."""
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         s = self.settings
@@ -538,35 +558,20 @@ class LocalVLLMEngine(Engine):
                 # The CPU backend reserves its KV cache up front: size it for a small machine.
                 kwargs["kv_cache_memory_bytes"] = int((self.kv_cache_gib or 1.0) * 2**30)
         kwargs.update(s.vllm)
-        return AsyncEngineArgs(**kwargs)
+        args = AsyncEngineArgs(**kwargs)
+        bind = self.omp_bind(args)
+        if bind is not None:
+            # taken up by the engine core process that vLLM starts (alignd's plugin), not through this
+            # process's environment, which the models starting beside this one share
+            args.additional_config = {**(args.additional_config or {}), OMP_BIND_KEY: bind}
+        return args
 
     async def start(self) -> None:
-        from vllm.v1.engine.async_llm import AsyncLLM
-
         _install_raw_logprobs()
         args = self.engine_args()
-        bind = self.omp_bind(args)
-        saved = os.environ.get(BIND_ENV)
-        if bind is not None:
-            # read by the engine core process that vLLM starts below (engines start one at a time)
-            os.environ[BIND_ENV] = bind
-            log.info("model %s: vLLM worker threads on cores %s", self.name, bind)
-        try:
-            building = asyncio.get_running_loop().run_in_executor(None, AsyncLLM.from_engine_args, args)
-            try:
-                self.llm = await asyncio.shield(building)
-            except asyncio.CancelledError:
-                # Shut down while loading: the engine core is a separate process, so an engine that finishes
-                # building after the cancellation must still be stopped or it outlives the server.
-                llm = await building
-                await asyncio.to_thread(llm.shutdown)
-                raise
-        finally:
-            if bind is not None:
-                if saved is None:
-                    os.environ.pop(BIND_ENV, None)
-                else:
-                    os.environ[BIND_ENV] = saved
+        if OMP_BIND_KEY in args.additional_config:
+            log.info("model %s: vLLM worker threads on cores %s", self.name, args.additional_config[OMP_BIND_KEY])
+        self.llm = await _build_async_llm(args)
         _cache_eos_lookup(self.llm)
         self.rewind_block = await self._rewind_block_size()
         self.chosen_ids = await self._chosen_ids()
@@ -614,6 +619,12 @@ class LocalVLLMEngine(Engine):
         if self.llm is not None:
             llm, self.llm = self.llm, None
             await asyncio.to_thread(llm.shutdown)
+
+    @property
+    def starts_alone(self) -> bool:  # type: ignore[override]
+        """On a GPU, yes: vLLM sizes an engine from the device memory free while it starts, which engines
+        starting beside it on the same device would take. On a CPU each engine's memory is set up front."""
+        return not on_cpu()
 
     @property
     def ready(self) -> bool:

@@ -59,19 +59,38 @@ bf16, greedy, and answers "What is the capital of France?" with "L'Étoile, la M
 with vLLM's vector attention kernel, in float32, or in transformers bf16 it answers "The capital of France is
 Paris." :func:`register_cpu_attention_without_amx` makes the backend choose its vector kernel where it would
 choose AMX (set ``ALIGND_CPU_ATTENTION_AMX=1`` to keep AMX). Other CPUs and GPUs are left alone.
+
+A model's CPU cores
+-------------------
+vLLM's CPU backend binds a worker's OpenMP threads to the cores named by ``VLLM_CPU_OMP_THREADS_BIND``,
+which the engine core reads from its environment when it starts its worker. alignd gives each model cores of
+its own (``cpu_binding``) and starts the models at the same time, so the gateway cannot hand each engine core
+its cores through its own (shared) environment. :func:`register_omp_threads_bind` makes the engine core take
+them from ``additional_config`` (:data:`OMP_BIND_KEY`) instead.
+
+Quiet downcasts
+---------------
+vLLM 0.32 warns once per weight when it loads a float32 checkpoint into a 16-bit model, after saying once
+that it downcasts the model ("Downcasting torch.float32 to torch.bfloat16"): 268 lines at every start of
+the embedded default, whose float32 checkpoints are served in bf16. :func:`register_quiet_downcasts` drops
+those lines; any other dtype mismatch still warns.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import queue
 import time
 from collections.abc import Callable
 from typing import Any
 
+from alignd.server.engines.cpu_binding import BIND_ENV
+
 __all__ = [
     "CPU_ATTENTION_AMX_ENV",
+    "OMP_BIND_KEY",
     "RETURN_WAIT_FRACTION",
     "RETURN_WAIT_MAX",
     "REWIND_KEY",
@@ -84,6 +103,8 @@ __all__ = [
     "register",
     "register_chunk_prompt_logprobs",
     "register_cpu_attention_without_amx",
+    "register_omp_threads_bind",
+    "register_quiet_downcasts",
     "register_session_rewind",
     "register_token_id_logprobs",
     "returning_sessions",
@@ -92,6 +113,7 @@ __all__ = [
 ]
 
 STEP_GROUP_KEY = "alignd_step_group"  # extra_args value: [group id, number of chunks in the group]
+OMP_BIND_KEY = "alignd_omp_threads_bind"  # additional_config value: the worker's cores ("0,1")
 REWIND_KEY = "alignd_keep"  # extra_args value: how many of the session's tokens to keep before this chunk
 WAIT_SECONDS = 0.003  # longest wait for a group's missing chunks (a lost chunk costs this once)
 # Longest wait for the sessions of the last engine step to send their next chunks: this fraction of that
@@ -119,6 +141,51 @@ def register() -> None:
     register_session_rewind()
     register_token_id_logprobs()
     register_cpu_attention_without_amx()
+    register_omp_threads_bind()
+    register_quiet_downcasts()
+
+
+class _DowncastFilter(logging.Filter):
+    """Drops vLLM's warning that a float32 weight loads into a bfloat16 or float16 parameter."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (
+            isinstance(record.msg, str) and record.msg.startswith("Attempted to load weight %s with dtype %s into")
+            and isinstance(args, tuple) and len(args) == 3
+            and str(args[1]) == "torch.float32" and str(args[2]) in ("torch.bfloat16", "torch.float16")
+        )
+
+
+def register_quiet_downcasts() -> None:
+    """Drop vLLM's per-weight warning for a float32 checkpoint loaded into a 16-bit model (see the module
+    docstring); idempotent."""
+    logger = logging.getLogger("vllm.model_executor.models.utils")
+    if not any(isinstance(f, _DowncastFilter) for f in logger.filters):
+        logger.addFilter(_DowncastFilter())
+
+
+def register_omp_threads_bind() -> None:
+    """Make vLLM's CPU backend bind a worker's OpenMP threads to the cores in the engine's
+    ``additional_config`` (:data:`OMP_BIND_KEY`), set in the engine core's own environment before the worker
+    starts (see the module docstring). An engine without that key, or a vLLM without this code, is left
+    alone."""
+    try:
+        from vllm.utils.ompmultiprocessing import OMPProcessManager
+    except ImportError:
+        return
+    init = OMPProcessManager.__init__
+    if getattr(init, "_alignd_bind", False):
+        return
+
+    def init_with_alignd_cores(self: Any, config: Any, *args: Any, **kwargs: Any) -> None:
+        cores = (getattr(config, "additional_config", None) or {}).get(OMP_BIND_KEY)
+        if cores:
+            os.environ[BIND_ENV] = str(cores)  # this engine core's process only
+        init(self, config, *args, **kwargs)
+
+    init_with_alignd_cores._alignd_bind = True  # type: ignore[attr-defined]
+    OMPProcessManager.__init__ = init_with_alignd_cores  # type: ignore[method-assign]
 
 
 CPU_ATTENTION_AMX_ENV = "ALIGND_CPU_ATTENTION_AMX"

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 
-from alignd.server.engines.cpu_binding import omp_bind_value, spread_cores
+from alignd.server.engines.cpu_binding import BIND_ENV, omp_bind_value, spread_cores
+from alignd.server.engines.vllm_plugin import OMP_BIND_KEY, register_omp_threads_bind
 from alignd.server.models import core_shares
 from alignd.server.settings import ModelSettings, RecipeSettings, Settings
 
@@ -58,3 +63,40 @@ def test_core_shares_keep_a_recipes_models_apart(monkeypatch: pytest.MonkeyPatch
     recipes = {"c": RecipeSettings(decoder="contrastive", roles={"expert": "base", "amateur": "amateur"})}
     assert core_shares(Settings(models=models)) == {"base": [0], "chat": [1], "amateur": [0]}
     assert core_shares(Settings(models=models, recipes=recipes)) == {"base": [0], "chat": [1], "amateur": [1]}
+
+
+def test_a_models_cores_reach_its_engine_core_through_its_config(
+    monkeypatch: pytest.MonkeyPatch, tiny_paths: dict[str, Path]
+) -> None:
+    # the models start side by side, so not through the gateway's environment
+    from alignd.server.engines.vllm_local import LocalVLLMEngine, on_cpu
+
+    if not on_cpu():
+        pytest.skip("vLLM binds worker threads to cores on its CPU backend only")
+    monkeypatch.delenv(BIND_ENV, raising=False)
+    settings = ModelSettings(path=str(tiny_paths["tiny-base"]), vllm={"additional_config": {"mine": 1}})
+    args = LocalVLLMEngine("tiny-base", settings, 0.1, [1]).engine_args()
+    assert args.additional_config == {"mine": 1, OMP_BIND_KEY: "1"}
+    assert BIND_ENV not in os.environ
+    assert OMP_BIND_KEY not in LocalVLLMEngine("tiny-base", settings, 0.1, None).engine_args().additional_config
+    # a binding in the environment is the user's: it stands
+    monkeypatch.setenv(BIND_ENV, "0")
+    assert OMP_BIND_KEY not in LocalVLLMEngine("tiny-base", settings, 0.1, [1]).engine_args().additional_config
+
+
+def test_an_engine_core_binds_its_worker_to_the_cores_in_its_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    from vllm.platforms import current_platform
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    if not current_platform.is_cpu():
+        pytest.skip("vLLM binds worker threads to cores on its CPU backend only")
+    register_omp_threads_bind()
+    register_omp_threads_bind()  # idempotent
+    monkeypatch.setenv(BIND_ENV, "0")  # what the engine core inherited; restored after the test
+    parallel = SimpleNamespace(local_world_size=1, data_parallel_rank_local=None, _api_process_count=1)
+    config = SimpleNamespace(additional_config={OMP_BIND_KEY: "1"}, parallel_config=parallel, kv_transfer_config=None)
+    assert OMPProcessManager(config).cpu_lists == [[1]]
+    # an engine without alignd's key keeps what its environment says
+    monkeypatch.setenv(BIND_ENV, "0")
+    config.additional_config = {}
+    assert OMPProcessManager(config).cpu_lists == [[0]]

@@ -10,7 +10,7 @@ import asyncio
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias, TypeVar, overload
 
 import httpx
 
@@ -45,7 +45,7 @@ __all__ = ["AsyncClient", "Client", "Messages", "RecipeLike"]
 Messages = str | Sequence[Mapping[str, Any]]
 """A prompt for ``chat``: a user message as a string, or OpenAI-style ``{"role", "content"}`` messages."""
 
-RecipeLike = str | BaseRecipe | Mapping[str, Any]
+RecipeLike: TypeAlias = str | BaseRecipe | Mapping[str, Any]
 """A recipe: a named recipe on the server, a builder such as ``Nudging(...)``, or an ``alignment`` dict."""
 
 _M = TypeVar("_M", bound=BaseModel)
