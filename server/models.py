@@ -97,8 +97,7 @@ class ModelPool:
         the rest); the first failure cancels the others' start-up and is raised.
 
         Most of a vLLM engine's start-up is its processes importing vLLM, one core each, so on a CPU the
-        models load side by side: the embedded default was healthy after 73-84 s instead of 92-104 s on 2
-        cores (AMD EPYC; ``make serve``, alternated three times)."""
+        models load side by side (what that bought: ``docs/benchmarks.md``, "Models start side by side")."""
 
         async def start(model: HostedModel) -> None:
             log.info("starting model %s", model.name)
